@@ -1,0 +1,158 @@
+// CPU kernels for slimfit::quantize / slimfit::dequantize (format: slimfit/reference.py).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <numeric>
+
+#include "../common.h"
+
+namespace slimfit {
+namespace {
+
+constexpr int64_t kGrainElements = 1 << 15;
+
+void check_quant_args(int64_t bits, int64_t group_size) {
+  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "slimfit::quantize: bits must be 2, 4 or 8, got ", bits);
+  TORCH_CHECK(group_size > 0, "slimfit::quantize: group_size must be positive, got ", group_size);
+}
+
+template <typename scalar_t>
+GroupParams scan_group(const scalar_t* x, int64_t begin, int64_t end, int levels) {
+  // Eight independent lanes let the compiler vectorise the min/max reduction without fast-math.
+  constexpr int kLanes = 8;
+  float lo[kLanes], hi[kLanes], bad[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    lo[l] = INFINITY;
+    hi[l] = -INFINITY;
+    bad[l] = 0.0f;
+  }
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      float v = static_cast<float>(x[i + l]);
+      lo[l] = v < lo[l] ? v : lo[l];
+      hi[l] = v > hi[l] ? v : hi[l];
+      bad[l] += v * 0.0f;  // NaN for NaN or +-Inf inputs
+    }
+  }
+  for (; i < end; ++i) {
+    float v = static_cast<float>(x[i]);
+    lo[0] = v < lo[0] ? v : lo[0];
+    hi[0] = v > hi[0] ? v : hi[0];
+    bad[0] += v * 0.0f;
+  }
+  float group_lo = lo[0], group_hi = hi[0], group_bad = bad[0];
+  for (int l = 1; l < kLanes; ++l) {
+    group_lo = std::fmin(group_lo, lo[l]);
+    group_hi = std::fmax(group_hi, hi[l]);
+    group_bad += bad[l];
+  }
+  return group_params(group_lo, group_hi, group_bad == 0.0f, levels);
+}
+
+template <typename scalar_t>
+void quantize_kernel(const scalar_t* x, int64_t n, int bits, int64_t group_size, bool stochastic, uint32_t key,
+                     uint8_t* codes, uint16_t* scale, uint16_t* offset) {
+  const int levels = (1 << bits) - 1;
+  const int per_byte = 8 / bits;
+  const int64_t num_groups = (n + group_size - 1) / group_size;
+  // Groups are processed in runs that start on a byte boundary so no byte is shared between threads.
+  const int64_t run = per_byte / std::gcd<int64_t>(group_size, per_byte);
+  const int64_t num_runs = (num_groups + run - 1) / run;
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / (run * group_size));
+  at::parallel_for(0, num_runs, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t g_end = std::min(num_groups, (r + 1) * run);
+      uint32_t pending = 0;  // bits of a byte that straddles two groups
+      for (int64_t g = r * run; g < g_end; ++g) {
+        const int64_t begin = g * group_size;
+        const int64_t end = std::min(n, begin + group_size);
+        const GroupParams p = scan_group(x, begin, end, levels);
+        scale[g] = p.scale_bits;
+        offset[g] = p.offset_bits;
+        if (bits == 8) {
+          for (int64_t i = begin; i < end; ++i) {
+            codes[i] = static_cast<uint8_t>(quantize_code(static_cast<float>(x[i]), p, levels, stochastic, key, i));
+          }
+          continue;
+        }
+        for (int64_t i = begin; i < end; ++i) {
+          const int slot = static_cast<int>(i % per_byte);
+          pending |= quantize_code(static_cast<float>(x[i]), p, levels, stochastic, key, i) << (slot * bits);
+          if (slot == per_byte - 1 || i == n - 1) {
+            codes[i / per_byte] = static_cast<uint8_t>(pending);
+            pending = 0;
+          }
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x_in, int64_t bits, int64_t group_size,
+                                                            std::optional<int64_t> seed) {
+  check_quant_args(bits, group_size);
+  TORCH_CHECK(x_in.device().is_cpu(), "slimfit::quantize (CPU kernel): x must be on CPU");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t n = x.numel();
+  const int64_t num_groups = (n + group_size - 1) / group_size;
+  auto codes = at::empty({(n * bits + 7) / 8}, x.options().dtype(at::kByte));
+  auto scale = at::empty({num_groups}, x.options().dtype(at::kBFloat16));
+  auto offset = at::empty({num_groups}, x.options().dtype(at::kBFloat16));
+  if (n == 0) return {codes, scale, offset};
+  const uint32_t key = hash32(static_cast<uint32_t>(seed.value_or(0)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "slimfit_quantize_cpu", [&] {
+    quantize_kernel<scalar_t>(x.data_ptr<scalar_t>(), n, static_cast<int>(bits), group_size, seed.has_value(), key,
+                              codes.data_ptr<uint8_t>(), reinterpret_cast<uint16_t*>(scale.data_ptr<at::BFloat16>()),
+                              reinterpret_cast<uint16_t*>(offset.data_ptr<at::BFloat16>()));
+  });
+  return {codes, scale, offset};
+}
+
+at::Tensor dequantize_cpu(const at::Tensor& codes_in, const at::Tensor& scale_in, const at::Tensor& offset_in,
+                          int64_t bits, int64_t group_size, at::IntArrayRef shape, at::ScalarType dtype) {
+  check_quant_args(bits, group_size);
+  const int64_t n = c10::multiply_integers(shape);
+  const int64_t num_groups = (n + group_size - 1) / group_size;
+  TORCH_CHECK(codes_in.scalar_type() == at::kByte && codes_in.numel() == (n * bits + 7) / 8,
+              "slimfit::dequantize: codes must be uint8 with ceil(numel * bits / 8) elements");
+  TORCH_CHECK(scale_in.scalar_type() == at::kBFloat16 && offset_in.scalar_type() == at::kBFloat16 &&
+                  scale_in.numel() == num_groups && offset_in.numel() == num_groups,
+              "slimfit::dequantize: scale and offset must be bfloat16 with ceil(numel / group_size) elements");
+  const at::Tensor codes = codes_in.contiguous(), scale = scale_in.contiguous(), offset = offset_in.contiguous();
+  auto out = at::empty(shape, codes.options().dtype(dtype));
+  if (n == 0) return out;
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>());
+  const uint16_t* o = reinterpret_cast<const uint16_t*>(offset.data_ptr<at::BFloat16>());
+  const int b = static_cast<int>(bits);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "slimfit_dequantize_cpu", [&] {
+    scalar_t* y = out.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, kGrainElements / group_size);
+    at::parallel_for(0, num_groups, grain, [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) {
+        const float gs = bf16_to_float(s[g]), go = bf16_to_float(o[g]);
+        const int64_t end = std::min(n, (g + 1) * group_size);
+        if (b == 8) {
+          for (int64_t i = g * group_size; i < end; ++i) y[i] = static_cast<scalar_t>(dequantize_code(c[i], gs, go));
+        } else {
+          for (int64_t i = g * group_size; i < end; ++i) {
+            y[i] = static_cast<scalar_t>(dequantize_code(unpack_code(c, i, b), gs, go));
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(slimfit, CPU, m) {
+  m.impl("quantize", &quantize_cpu);
+  m.impl("dequantize", &dequantize_cpu);
+}
+
+}  // namespace slimfit

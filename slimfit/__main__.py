@@ -1,0 +1,3 @@
+from slimfit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,141 @@
+"""Plain-PyTorch versions of every slimfit op.
+
+This module is the specification the C++/CUDA kernels are tested against, and the implementation used
+when the compiled extension is missing or ``SLIMFIT_FORCE_REFERENCE=1`` is set. Every function here has
+the same signature and return values as its ``torch.ops.slimfit`` counterpart.
+
+Quantization format (shared by all backends)
+--------------------------------------------
+* The input is flattened (row-major) to ``n`` elements and cut into ``G = ceil(n / group_size)`` groups
+  of consecutive elements; the last group may be short.
+* Each group stores an ``offset`` and a ``scale`` as bfloat16 (2 bytes each). ``offset`` is the group
+  minimum rounded *down* to bfloat16 and ``scale`` is ``(max - offset) / (2**bits - 1)`` rounded *up*, so
+  every element of the group lies inside the representable range and round-to-nearest is off by at most
+  ``scale / 2``.
+* A code is ``round_half_even((x - offset) * inv)`` with ``inv = 1 / scale`` in float32 (``inv = 0`` when
+  ``scale == 0``), clamped to ``[0, 2**bits - 1]``. Stochastic rounding replaces the rounding by
+  ``floor(v + u)`` where ``u`` in [0, 1) comes from :func:`uniform_from_seed` (a counter-based hash of the
+  seed and the element index), so every backend produces identical codes for the same seed.
+* Codes are packed little-endian inside a byte: element ``i`` lives in byte ``i * bits // 8`` at bit
+  ``(i % (8 // bits)) * bits``. The code tensor has exactly ``ceil(n * bits / 8)`` bytes.
+* A group holding NaN or +-Inf gets ``scale = offset = NaN`` and zero codes, so it dequantizes to NaN;
+  other groups are unaffected.
+* Dequantization is ``offset + code * scale`` in float32, cast to the requested dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer (lowbias32) on int64 tensors holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def uniform_from_seed(seed: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``n`` float32 values in [0, 1): element ``i`` is ``hash32(hash32(seed) + i) >> 8`` times 2**-24.
+
+    ``seed`` is taken modulo 2**32. The same formula runs in the CPU and CUDA kernels.
+    """
+    key = _hash32(torch.tensor(seed & _MASK32, dtype=torch.int64, device=device))
+    idx = torch.arange(n, dtype=torch.int64, device=device)
+    h = _hash32((idx + key) & _MASK32)
+    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def _round_to_bf16(v: torch.Tensor, up: bool) -> torch.Tensor:
+    """Round float32 values to bfloat16 toward +inf (``up``) or -inf, exactly."""
+    bits = v.contiguous().view(torch.int32)
+    truncated = bits & ~0xFFFF  # rounds the magnitude toward zero
+    inexact = (bits & 0xFFFF) != 0
+    grow = inexact & ((v < 0) != up)  # magnitude must grow when rounding away from zero
+    rounded = torch.where(grow, truncated + 0x10000, truncated).view(torch.float32)
+    return rounded.to(torch.bfloat16)
+
+
+def _groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Flattened float32 view of ``x`` as ``[G, group_size]``, the last group padded by repetition."""
+    flat = x.reshape(-1).to(torch.float32)
+    pad = (-flat.numel()) % group_size
+    if pad:
+        flat = torch.cat([flat, flat[-1:].expand(pad)])
+    return flat.view(-1, group_size)
+
+
+def _pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes (< 2**bits) into ``ceil(n * bits / 8)`` bytes, little-endian within a byte."""
+    per_byte = 8 // bits
+    n = codes.numel()
+    pad = (-n) % per_byte
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(pad)])
+    lanes = codes.view(-1, per_byte).to(torch.int32)
+    shifts = torch.arange(per_byte, dtype=torch.int32, device=codes.device) * bits
+    return (lanes << shifts).sum(dim=1).to(torch.uint8)
+
+
+def _unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, dtype=torch.int32, device=packed.device) * bits
+    lanes = (packed.to(torch.int32).unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+    return lanes.reshape(-1)[:n]
+
+
+def quantize(
+    x: torch.Tensor, bits: int, group_size: int, seed: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-group min/max quantization; returns ``(codes uint8, scale bf16 [G], offset bf16 [G])``."""
+    n = x.numel()
+    num_groups = -(-n // group_size)
+    if n == 0:
+        empty_bf16 = torch.empty(0, dtype=torch.bfloat16, device=x.device)
+        return torch.empty(0, dtype=torch.uint8, device=x.device), empty_bf16, empty_bf16.clone()
+    levels = (1 << bits) - 1
+    groups = _groups(x, group_size)
+    finite = torch.isfinite(groups).all(dim=1)
+    lo = torch.where(finite, groups.amin(dim=1), 0.0)
+    hi = torch.where(finite, groups.amax(dim=1), 0.0)
+    offset = _round_to_bf16(lo, up=False)
+    scale = _round_to_bf16((hi - offset.float()) / levels, up=True)
+    nan = torch.tensor(float("nan"), dtype=torch.bfloat16, device=x.device)
+    offset = torch.where(finite, offset, nan)
+    scale = torch.where(finite, scale, nan)
+
+    scale32 = scale.float()
+    inv = torch.where(scale32 > 0, 1.0 / scale32, 0.0)
+    v = (groups - offset.float().unsqueeze(1)) * inv.unsqueeze(1)
+    v = v.reshape(-1)[:n]
+    if seed is None:
+        q = torch.round(v)
+    else:
+        q = torch.floor(v + uniform_from_seed(seed, n, x.device))
+    q = q.clamp(0, levels)
+    q = torch.where(finite.repeat_interleave(group_size)[:n], q, 0.0)
+    return _pack_codes(q.to(torch.uint8), bits), scale, offset
+
+
+def dequantize(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    bits: int,
+    group_size: int,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Inverse of :func:`quantize`: ``offset + code * scale`` per group, reshaped to ``shape``."""
+    n = math.prod(shape)
+    q = _unpack_codes(codes, bits, n).to(torch.float32)
+    group_of = torch.arange(n, device=codes.device) // group_size
+    out = offset.float()[group_of] + q * scale.float()[group_of]
+    return out.to(dtype).view(tuple(shape))
