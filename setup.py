@@ -41,7 +41,7 @@ def want_cuda() -> bool:
 
 
 def extension():
-    cxx_flags = ["-O3", "-std=c++17", "-ffp-contract=off", "-fopenmp"]
+    cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp"]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     kwargs = dict(
         name="slimfit._C",
@@ -51,7 +51,7 @@ def extension():
     )
     if want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        nvcc_flags = ["-O3", "-std=c++17", "--fmad=false", "-lineinfo"]
+        nvcc_flags = ["-O3", "--fmad=false", "-lineinfo"]
         return cpp_extension.CUDAExtension(
             sources=sources,
             include_dirs=cuda_include_dirs(),
