@@ -42,3 +42,29 @@ class QuantizedTensor(_Codec):
     group_size: int
     shape: tuple[int, ...]
     dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class SparseTensor(_Codec):
+    """Top-k entries of each row (last dimension) of a tensor (format in :mod:`slimfit.reference`).
+
+    values: input dtype ``[rows, k]``; indices: int16 ``[rows, k]`` (uint16 column offsets, 2 bytes each);
+    block_offsets: int32 ``[rows, ceil(n / 65536)]`` for rows longer than 65536, else ``[rows, 0]``.
+    """
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    block_offsets: torch.Tensor
+    shape: tuple[int, ...]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+
+@dataclass(frozen=True)
+class PackedBits(_Codec):
+    """A boolean tensor packed 8 elements per byte: ``bits`` is uint8 ``[ceil(numel / 8)]``."""
+
+    bits: torch.Tensor
+    shape: tuple[int, ...]

@@ -7,16 +7,19 @@ registered, and the plain-PyTorch reference in :mod:`slimfit.reference` otherwis
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 
 from slimfit import reference
-from slimfit._extension import STATUS, has_kernel
-from slimfit.codecs import QuantizedTensor
+from slimfit._extension import STATUS, has_kernel, registered_ops
+from slimfit.codecs import PackedBits, QuantizedTensor, SparseTensor
 
 QUANT_BITS = (2, 4, 8)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Floor of the denominator per update_norms metric: keeps all-zero and zero-valued weights finite.
+NORM_EPS = {"rel_l2": 1e-12, "rel_l1_mean": 1e-8}
 
 
 def _kernel(op: str, device: torch.device) -> Callable:
@@ -70,8 +73,94 @@ def dequantize(q: QuantizedTensor) -> torch.Tensor:
     return fn(q.codes, q.scale, q.offset, q.bits, q.group_size, list(q.shape), q.dtype)
 
 
+def keep_count(n: int, keep: float) -> int:
+    """Entries kept per row of length ``n``: ``ceil(keep * n)``, at least 1 when ``n > 0``.
+
+    The product is taken with a 1e-9 tolerance so that e.g. ``keep=0.1, n=30`` keeps 3, not 4.
+    """
+    if n == 0:
+        return 0
+    return min(n, max(1, math.ceil(keep * n - 1e-9)))
+
+
+def sparsify(x: torch.Tensor, keep: float = 0.1) -> SparseTensor:
+    """Keep the ``ceil(keep * n)`` largest-magnitude entries of each row (last dimension, length ``n``).
+
+    Values stay exact in ``x``'s dtype; each kept entry costs ``element_size + 2`` bytes (uint16 column
+    offsets; rows longer than 65536 add 4 bytes per 65536-column block). NaN ranks above Inf and is kept;
+    ties go to the lower column. ``densify`` restores ``x`` with every other entry zero.
+    """
+    _check_float_tensor("x", x)
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must be a number in (0, 1], got {keep!r}")
+    k = keep_count(x.shape[-1] if x.dim() else 1, float(keep))
+    values, indices, block_offsets = _kernel("sparsify", x.device)(x, k)
+    return SparseTensor(values, indices, block_offsets, tuple(x.shape))
+
+
+def densify(s: SparseTensor) -> torch.Tensor:
+    """Dense tensor of ``s``'s original shape, dtype and device: kept values, zero elsewhere."""
+    if not isinstance(s, SparseTensor):
+        raise TypeError(f"s must be a SparseTensor, got {type(s).__name__}")
+    fn = _kernel("densify", s.values.device)
+    return fn(s.values, s.indices, s.block_offsets, list(s.shape))
+
+
+def pack_bits(mask: torch.Tensor) -> PackedBits:
+    """Pack a bool tensor (any shape) into ``ceil(numel / 8)`` bytes, 1 bit per element."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must have dtype torch.bool, got {mask.dtype}")
+    return PackedBits(_kernel("pack_bits", mask.device)(mask), tuple(mask.shape))
+
+
+def unpack_bits(p: PackedBits) -> torch.Tensor:
+    """The bool tensor that :func:`pack_bits` packed, with its original shape and device."""
+    if not isinstance(p, PackedBits):
+        raise TypeError(f"p must be a PackedBits, got {type(p).__name__}")
+    return _kernel("unpack_bits", p.bits.device)(p.bits, list(p.shape))
+
+
+def _check_pairs(before: Sequence[torch.Tensor], after: Sequence[torch.Tensor]) -> None:
+    for name, seq in (("before", before), ("after", after)):
+        if not isinstance(seq, (list, tuple)):
+            raise ValueError(f"{name} must be a list or tuple of tensors, got {type(seq).__name__}")
+    if len(before) != len(after):
+        raise ValueError(f"before and after must have the same length, got {len(before)} and {len(after)}")
+    for i, (b, a) in enumerate(zip(before, after, strict=True)):
+        _check_float_tensor(f"before[{i}]", b)
+        _check_float_tensor(f"after[{i}]", a)
+        if b.shape != a.shape:
+            raise ValueError(
+                f"before[{i}] and after[{i}] must have the same shape, got {tuple(b.shape)} and {tuple(a.shape)}"
+            )
+        if b.device != before[0].device or a.device != before[0].device:
+            raise ValueError(
+                f"all tensors must be on one device ({before[0].device}), got before[{i}] on {b.device} "
+                f"and after[{i}] on {a.device}"
+            )
+
+
+def update_norms(before: Sequence[torch.Tensor], after: Sequence[torch.Tensor], metric: str = "rel_l2") -> torch.Tensor:
+    """How much each tensor moved, as float32 ``[len(before)]`` on the tensors' device.
+
+    ``rel_l2``: ``||after - before||_2 / max(||before||_2, 1e-12)``. ``rel_l1_mean`` (the original SlimFit
+    score, made safe): ``mean(|after - before| / max(|before|, 1e-8))``, 0 for empty tensors. Accumulated in
+    float64; a NaN or Inf in one pair only affects its own entry. Pairs may differ in dtype and shape.
+    """
+    _check_choice("metric", metric, tuple(NORM_EPS))
+    _check_pairs(before, after)
+    if not before:
+        return torch.zeros(0, dtype=torch.float32)
+    with torch.no_grad():
+        fn = _kernel("update_norms", before[0].device)
+        return fn([b.detach() for b in before], [a.detach() for a in after], metric, NORM_EPS[metric])
+
+
 def _register_fakes() -> None:
     """Shape-only kernels so torch.compile and opcheck can trace the compiled ops."""
+    ops = set(registered_ops())
 
     @torch.library.register_fake("slimfit::quantize")
     def _quantize_fake(x, bits, group_size, seed):
@@ -83,6 +172,36 @@ def _register_fakes() -> None:
     @torch.library.register_fake("slimfit::dequantize")
     def _dequantize_fake(codes, scale, offset, bits, group_size, shape, dtype):
         return codes.new_empty(shape, dtype=dtype)
+
+    if "sparsify" not in ops:  # an extension built before these ops existed
+        return
+
+    @torch.library.register_fake("slimfit::sparsify")
+    def _sparsify_fake(x, k):
+        n = x.shape[-1] if x.dim() else 1
+        rows = x.numel() // n if n else math.prod(x.shape[:-1])
+        blocks = -(-n // 65536) if n > 65536 else 0
+        return (
+            x.new_empty(rows, k),
+            x.new_empty(rows, k, dtype=torch.int16),
+            x.new_empty(rows, blocks, dtype=torch.int32),
+        )
+
+    @torch.library.register_fake("slimfit::densify")
+    def _densify_fake(values, indices, block_offsets, shape):
+        return values.new_empty(shape)
+
+    @torch.library.register_fake("slimfit::pack_bits")
+    def _pack_bits_fake(mask):
+        return mask.new_empty((mask.numel() + 7) // 8, dtype=torch.uint8)
+
+    @torch.library.register_fake("slimfit::unpack_bits")
+    def _unpack_bits_fake(packed, shape):
+        return packed.new_empty(shape, dtype=torch.bool)
+
+    @torch.library.register_fake("slimfit::update_norms")
+    def _update_norms_fake(before, after, metric, eps):
+        return before[0].new_empty(len(before), dtype=torch.float32)
 
 
 if STATUS.loaded:

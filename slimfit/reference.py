@@ -21,6 +21,31 @@ Quantization format (shared by all backends)
 * A group holding NaN or +-Inf gets ``scale = offset = NaN`` and zero codes, so it dequantizes to NaN;
   other groups are unaffected.
 * Dequantization is ``offset + code * scale`` in float32, cast to the requested dtype.
+
+Sparse (top-k) format
+---------------------
+* Rows are the last dimension: ``n = shape[-1]`` (``n = 1`` for a 0-d tensor), ``rows = numel / n``. Each
+  row keeps its ``k`` entries of largest magnitude. Magnitude order is the order of the float32 bit
+  pattern with the sign cleared, so NaN ranks above +-Inf (NaN is never silently dropped); ties go to the
+  lower column. The kept entries are stored in ascending column order.
+* ``values``: ``[rows, k]`` in the input dtype, exact. ``indices``: int16 ``[rows, k]`` holding the column
+  modulo 65536 as an unsigned 16-bit number (2 bytes per kept entry).
+* Rows longer than 65536 are cut into blocks of 65536 columns and ``block_offsets`` (int32
+  ``[rows, ceil(n / 65536)]``) holds, per block, the position within the row's ``k`` entries of the first
+  entry in that block; the column of entry ``j`` is ``b * 65536 + index`` with ``b`` the last block whose
+  offset is ``<= j``. For ``n <= 65536`` ``block_offsets`` is ``[rows, 0]`` (no bytes).
+* Densify writes the kept values back and zero everywhere else.
+
+Bit-packed masks
+----------------
+* The boolean input is flattened (row-major); element ``i`` is bit ``i % 8`` of byte ``i // 8``; the last
+  byte's unused bits are zero. The packed tensor is uint8 with ``ceil(n / 8)`` bytes.
+
+Update norms
+------------
+* For each pair ``(b, a)`` of equally shaped tensors, in float64 on float32-converted elements:
+  ``rel_l2 = ||a - b||_2 / max(||b||_2, eps)`` and ``rel_l1_mean = mean(|a - b| / max(|b|, eps))``
+  (0 for empty tensors). The result is float32 ``[len(pairs)]``; a NaN or Inf only affects its own entry.
 """
 
 from __future__ import annotations
@@ -96,7 +121,6 @@ def quantize(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-group min/max quantization; returns ``(codes uint8, scale bf16 [G], offset bf16 [G])``."""
     n = x.numel()
-    num_groups = -(-n // group_size)
     if n == 0:
         empty_bf16 = torch.empty(0, dtype=torch.bfloat16, device=x.device)
         return torch.empty(0, dtype=torch.uint8, device=x.device), empty_bf16, empty_bf16.clone()
@@ -139,3 +163,87 @@ def dequantize(
     group_of = torch.arange(n, device=codes.device) // group_size
     out = offset.float()[group_of] + q * scale.float()[group_of]
     return out.to(dtype).view(tuple(shape))
+
+
+_INDEX_BLOCK = 65536  # columns addressed by one uint16 index
+
+
+def _magnitude_key(x: torch.Tensor) -> torch.Tensor:
+    """int64 sort key of ``|x|``: the float32 bit pattern without its sign (NaN above Inf)."""
+    return (x.to(torch.float32).contiguous().view(torch.int32) & 0x7FFFFFFF).to(torch.int64)
+
+
+def _rows(shape: Sequence[int]) -> tuple[int, int]:
+    n = shape[-1] if len(shape) else 1
+    return math.prod(shape[:-1]), n
+
+
+def sparsify(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``k`` magnitudes per row; returns ``(values [rows, k], indices int16 [rows, k], block_offsets)``."""
+    rows, n = _rows(x.shape)
+    x2 = x.reshape(rows, n)
+    num_blocks = -(-n // _INDEX_BLOCK) if n > _INDEX_BLOCK else 0
+    if rows == 0 or k == 0:
+        return (
+            x2.new_empty(rows, k),
+            x2.new_empty(rows, k, dtype=torch.int16),
+            x2.new_zeros(rows, num_blocks, dtype=torch.int32),
+        )
+    order = torch.sort(_magnitude_key(x2), dim=1, descending=True, stable=True).indices[:, :k]
+    cols = order.sort(dim=1).values
+    low = cols & (_INDEX_BLOCK - 1)
+    indices = ((low ^ 0x8000) - 0x8000).to(torch.int16)  # uint16 stored in int16's two's complement
+    starts = torch.arange(num_blocks, device=x.device, dtype=torch.int64) * _INDEX_BLOCK
+    block_offsets = torch.searchsorted(cols, starts.expand(rows, num_blocks).contiguous(), out_int32=True)
+    return x2.gather(1, cols), indices, block_offsets
+
+
+def densify(
+    values: torch.Tensor, indices: torch.Tensor, block_offsets: torch.Tensor, shape: Sequence[int]
+) -> torch.Tensor:
+    """Inverse of :func:`sparsify`: kept values at their columns, zero elsewhere, reshaped to ``shape``."""
+    rows, n = _rows(shape)
+    out = values.new_zeros(rows, n)
+    k = values.shape[1]
+    if rows == 0 or k == 0:
+        return out.view(tuple(shape))
+    cols = indices.to(torch.int64) & (_INDEX_BLOCK - 1)
+    if block_offsets.shape[1]:
+        j = torch.arange(k, device=values.device, dtype=torch.int32).expand(rows, k).contiguous()
+        block = torch.searchsorted(block_offsets.contiguous(), j, right=True) - 1
+        cols = cols + block * _INDEX_BLOCK
+    return out.scatter_(1, cols, values).view(tuple(shape))
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Boolean tensor to uint8 ``[ceil(numel / 8)]``, element ``i`` at bit ``i % 8`` of byte ``i // 8``."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    return _pack_codes(flat, 1)
+
+
+def unpack_bits(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: a bool tensor of ``shape``."""
+    return _unpack_codes(packed, 1, math.prod(shape)).to(torch.bool).view(tuple(shape))
+
+
+def update_norms(
+    before: Sequence[torch.Tensor], after: Sequence[torch.Tensor], metric: str, eps: float
+) -> torch.Tensor:
+    """Relative change of each ``(before[i], after[i])`` pair as float32 ``[len(before)]`` (see module doc)."""
+    out = []
+    for b, a in zip(before, after, strict=True):
+        b64 = b.detach().to(torch.float32).to(torch.float64)
+        d = a.detach().to(torch.float32).to(torch.float64) - b64
+        if metric == "rel_l2":
+            value = d.square().sum().sqrt() / b64.square().sum().sqrt().clamp_min(eps)
+        elif metric != "rel_l1_mean":
+            raise ValueError(f"metric must be 'rel_l2' or 'rel_l1_mean', got {metric!r}")
+        elif b.numel() == 0:
+            value = d.new_zeros(())
+        else:
+            value = (d.abs() / b64.abs().clamp_min(eps)).mean()
+        out.append(value)
+    device = before[0].device if len(before) else torch.device("cpu")
+    if not out:
+        return torch.zeros(0, dtype=torch.float32, device=device)
+    return torch.stack(out).to(torch.float32)
