@@ -40,7 +40,7 @@ def registered_ops() -> list[str]:
     if not STATUS.loaded:
         return []
     prefix = "slimfit::"
-    return sorted(n[len(prefix):] for n in torch._C._dispatch_get_all_op_names() if n.startswith(prefix))
+    return sorted(n[len(prefix) :] for n in torch._C._dispatch_get_all_op_names() if n.startswith(prefix))
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
