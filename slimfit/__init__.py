@@ -2,5 +2,6 @@
 
 from slimfit import ops
 from slimfit._version import __version__
+from slimfit.core import SlimFit
 
-__all__ = ["__version__", "ops"]
+__all__ = ["SlimFit", "__version__", "ops"]

@@ -1,0 +1,371 @@
+"""The :class:`SlimFit` facade: inter-layer scheduling, optimizer-state policy and activation compression.
+
+One iteration of the user's loop (the only two lines SlimFit adds are the constructor and ``sf.step()``)::
+
+    loss.backward()
+    optimizer.step()   # pre-hook: snapshot the K trainable layers ("before")
+    sf.step()          # score them against "after", choose the next K, flip requires_grad
+    optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimfit import ops
+from slimfit.layers import Layer, split_parameters, unwrap_model
+from slimfit.optim_state import OPTIMIZER_STATE_POLICIES, OptimizerStateManager
+from slimfit.scheduler import InterLayerScheduler
+
+METRICS = ("rel_l2", "rel_l1_mean")
+_STATE_FORMAT = 1
+
+
+@dataclass
+class SlimFitStats:
+    """Telemetry counters, saved with :meth:`SlimFit.state_dict`.
+
+    Attributes:
+        steps: calls to :meth:`SlimFit.step`.
+        scored_steps: steps in which the trainable layers were scored.
+        skipped_steps: steps with no ``optimizer.step()`` since the previous one (e.g. GradScaler skipped it);
+            the trainable set is kept.
+        nonfinite_scores: layer scores rejected because they were NaN or infinite.
+        thaws: layers that changed from frozen to trainable.
+    """
+
+    steps: int = 0
+    scored_steps: int = 0
+    skipped_steps: int = 0
+    nonfinite_scores: int = 0
+    thaws: int = 0
+
+
+class SlimFit:
+    """Memory-efficient full fine-tuning: train only the ``K`` layers that are still moving.
+
+    Args:
+        model: the model to fine-tune; a ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile``
+            wrapper is accepted and its inner module is used. Patched in place.
+        optimizer: a ``torch.optim.Optimizer`` (or a wrapper with an ``.optimizer`` attribute, as accelerate
+            uses) holding every parameter of ``model`` that requires grad.
+        freeze_ratio: fraction of layers frozen at each step, in ``[0, 1)``;
+            ``K = max(1, round((1 - freeze_ratio) * N))`` of the ``N`` layers train.
+        metric: how a layer's update is scored: ``"rel_l2"`` (``||W1 - W0||_2 / ||W0||_2``, robust) or
+            ``"rel_l1_mean"`` (the original SlimFit's ``mean |(W0 - W1) / W0|``).
+        optimizer_state: ``"offload"`` (default), ``"keep"`` or ``"drop"``; see :mod:`slimfit.optim_state`.
+            ``"offload"`` keeps the original algorithm's numerics (Adam moments survive a freeze) while only
+            the trainable layers' state occupies accelerator memory.
+        compression: activation compression policy (:class:`slimfit.policy.CompressionPolicy`),
+            ``"default"`` for the library default, or ``None`` to leave the model's modules untouched.
+        train_biases: whether biases and other 1-D parameters that are not normalisation weights train
+            (always) or stay frozen (always).
+        seed: seed of the warm-up order; ``None`` uses ``torch.initial_seed()``, so runs are reproducible
+            under ``torch.manual_seed``. Under ``torch.distributed`` rank 0's seed is used by every rank.
+
+    Layers are parameters with more than one dimension plus normalisation weights (:mod:`slimfit.layers`).
+    After construction and after every :meth:`step`, exactly ``K`` of them have ``requires_grad=True``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        freeze_ratio: float = 0.9,
+        metric: str = "rel_l2",
+        optimizer_state: str = "offload",
+        compression: Any = "default",
+        train_biases: bool = True,
+        seed: int | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        optimizer = _unwrap_optimizer(optimizer)
+        _check_freeze_ratio(freeze_ratio)
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {list(METRICS)}, got {metric!r}")
+        if optimizer_state not in OPTIMIZER_STATE_POLICIES:
+            raise ValueError(
+                f"optimizer_state must be one of {list(OPTIMIZER_STATE_POLICIES)}, got {optimizer_state!r}"
+            )
+        if not isinstance(train_biases, bool):
+            raise ValueError(f"train_biases must be a bool, got {train_biases!r}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise ValueError(f"seed must be an int or None, got {seed!r}")
+
+        self.model = unwrap_model(model)
+        self.optimizer = optimizer
+        self.freeze_ratio = float(freeze_ratio)
+        self.metric = metric
+        self.train_biases = train_biases
+        self.stats = SlimFitStats()
+
+        split = split_parameters(self.model)
+        if not split.layers:
+            raise ValueError(
+                f"model ({type(self.model).__name__}) has no candidate layers: SlimFit schedules parameters that "
+                "require grad and have more than one dimension or are normalisation weights"
+            )
+        _check_optimizer_holds(optimizer, [(layer.name, layer.param) for layer in split.layers] + list(split.auxiliary))
+        self.layers: tuple[Layer, ...] = split.layers
+        self.num_trainable = max(1, round((1.0 - self.freeze_ratio) * len(self.layers)))
+
+        generator = torch.Generator().manual_seed(_shared_seed(torch.initial_seed() if seed is None else seed))
+        self.scheduler = InterLayerScheduler(len(self.layers), self.num_trainable, generator)
+        self._state = OptimizerStateManager(optimizer, optimizer_state)
+
+        self._original_requires_grad = {name: p.requires_grad for name, p in self.model.named_parameters()}
+        for _, p in split.auxiliary:
+            p.requires_grad_(train_biases)
+        self._trainable: list[int] = []
+        self._apply_trainable(self.scheduler.trainable)
+
+        self._snapshot: tuple[list[int], list[torch.Tensor]] | None = None
+        self._stepped = False
+        self._hooks = [
+            optimizer.register_step_pre_hook(self._before_optimizer_step),
+            optimizer.register_state_dict_pre_hook(lambda _opt: self._state.synchronize()),
+            optimizer.register_load_state_dict_post_hook(lambda _opt: self._state.reload(self._frozen_params())),
+        ]
+        self._patch = _patch_model(self.model, compression)
+        self._removed = False
+
+    # ------------------------------------------------------------------ schedule
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Names of all ``N`` schedulable layers, in ``model.named_parameters()`` order."""
+        return [layer.name for layer in self.layers]
+
+    def trainable_layers(self) -> list[str]:
+        """Names of the ``K`` layers that train at the next step."""
+        return [self.layers[i].name for i in self._trainable]
+
+    def step(self) -> None:
+        """Score the layers that just trained and choose the next trainable set.
+
+        Call once per ``optimizer.step()``, after it and before the next forward pass.
+        """
+        self._check_active()
+        self.stats.steps += 1
+        snapshot, self._snapshot = self._snapshot, None
+        stepped, self._stepped = self._stepped, False
+        if not stepped:
+            self.stats.skipped_steps += 1
+        indices: list[int] = []
+        scores = torch.empty(0)
+        if snapshot is not None:
+            indices, before = snapshot
+            after = [self.layers[i].param.detach() for i in indices]
+            scores = ops.update_norms(before, after, self.metric)
+            self.stats.scored_steps += 1
+        rejected = self.scheduler.step(indices, scores)
+        if rejected:
+            self.stats.nonfinite_scores += len(rejected)
+            names = ", ".join(self.layers[i].name for i in rejected[:5]) + (", ..." if len(rejected) > 5 else "")
+            warnings.warn(
+                f"slimfit: non-finite update score for {len(rejected)} layer(s) ({names}) at step "
+                f"{self.scheduler.step_count}; keeping their previous scores",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self._apply_trainable(self.scheduler.trainable)
+
+    def _before_optimizer_step(self, _optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+        self._stepped = True
+        # Keep the first snapshot if the optimizer steps twice between sf.step() calls: the score then
+        # covers the whole change. With K == N there is nothing to choose, so nothing to copy.
+        if self._snapshot is None and self.num_trainable < len(self.layers):
+            indices = list(self._trainable)
+            self._snapshot = (indices, [self.layers[i].param.detach().clone() for i in indices])
+
+    def _apply_trainable(self, trainable: list[int]) -> None:
+        old, new = set(self._trainable), set(trainable)
+        frozen = [self.layers[i].param for i in sorted(old - new)]
+        thawed = [self.layers[i].param for i in sorted(new - old)]
+        if not old:  # construction: every layer not chosen starts frozen
+            frozen = [layer.param for i, layer in enumerate(self.layers) if i not in new]
+        for p in frozen:
+            p.requires_grad_(False)
+            p.grad = None  # a stale gradient would let the optimizer keep moving a frozen layer
+        for p in thawed:
+            p.requires_grad_(True)
+        self._state.freeze(frozen)
+        self._state.thaw(thawed)
+        self.stats.thaws += len(thawed) if old else 0
+        self._trainable = sorted(new)
+
+    def _frozen_params(self) -> list[torch.Tensor]:
+        trainable = set(self._trainable)
+        return [layer.param for i, layer in enumerate(self.layers) if i not in trainable]
+
+    # ------------------------------------------------------------------ checkpointing
+
+    def state_dict(self) -> dict[str, Any]:
+        """Scheduler state (scores, warm-up order, step, trainable set) and telemetry.
+
+        Take it between ``sf.step()`` and the next ``optimizer.step()`` (where checkpoints are normally
+        written); together with the model's and optimizer's state dicts and the RNG state it continues the
+        run exactly.
+        """
+        return {
+            "format": _STATE_FORMAT,
+            "layer_names": self.layer_names,
+            "layer_shapes": [list(layer.param.shape) for layer in self.layers],
+            "freeze_ratio": self.freeze_ratio,
+            "metric": self.metric,
+            "scheduler": self.scheduler.state_dict(),
+            "stats": asdict(self.stats),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output, including every layer's ``requires_grad`` flag.
+
+        Raises ValueError if the state was saved for different layers or a different ``freeze_ratio``.
+        Loading the optimizer's state before or after this call both work.
+        """
+        self._check_active()
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise ValueError(f"state must be a SlimFit state_dict (format {_STATE_FORMAT}), got {type(state).__name__}")
+        names = list(state["layer_names"])
+        if names != self.layer_names:
+            diff = next((f"{a!r} vs {b!r}" for a, b in zip(names, self.layer_names, strict=False) if a != b), "")
+            raise ValueError(
+                f"state was saved for a different model: {len(names)} layers vs {len(self.layer_names)} here"
+                + (f", first difference {diff}" if diff else "")
+            )
+        for name, saved, layer in zip(names, state["layer_shapes"], self.layers, strict=True):
+            if list(saved) != list(layer.param.shape):
+                raise ValueError(
+                    f"state was saved for a different model: layer {name!r} has shape {tuple(saved)} there "
+                    f"and {tuple(layer.param.shape)} here"
+                )
+        if not math.isclose(float(state["freeze_ratio"]), self.freeze_ratio, rel_tol=0.0, abs_tol=1e-12):
+            raise ValueError(
+                f"state was saved with freeze_ratio={state['freeze_ratio']}, this SlimFit has {self.freeze_ratio}"
+            )
+        if state["metric"] != self.metric:
+            raise ValueError(f"state was saved with metric={state['metric']!r}, this SlimFit has {self.metric!r}")
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.stats = SlimFitStats(**state["stats"])
+        self._snapshot, self._stepped = None, False
+        self._apply_trainable(self.scheduler.trainable)
+
+    # ------------------------------------------------------------------ accounting and teardown
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes currently held, by category.
+
+        Keys: ``weights`` (all parameters), ``trainable_weights`` (those with ``requires_grad``), ``gradients``,
+        ``optimizer_state`` (on the parameters' device), ``optimizer_state_offloaded`` (in host memory for
+        accelerator parameters), and ``cuda_max_memory_allocated`` when the model is on CUDA.
+        """
+        self._state.synchronize()
+        params = list(self.model.parameters())
+        on_device, offloaded = self._state.nbytes(params)
+        report = {
+            "weights": sum(_nbytes(p) for p in params),
+            "trainable_weights": sum(_nbytes(p) for p in params if p.requires_grad),
+            "gradients": sum(_nbytes(p.grad) for p in params if p.grad is not None),
+            "optimizer_state": on_device,
+            "optimizer_state_offloaded": offloaded,
+        }
+        devices = {p.device for p in params if p.device.type == "cuda"}
+        if devices:
+            report["cuda_max_memory_allocated"] = sum(torch.cuda.max_memory_allocated(d) for d in devices)
+        return report
+
+    def remove(self) -> None:
+        """Undo SlimFit: original modules, original ``requires_grad`` flags, optimizer state back on device.
+
+        Optimizer state dropped under ``optimizer_state="drop"`` is not recreated (the optimizer starts it
+        afresh). Calling it twice is harmless.
+        """
+        if self._removed:
+            return
+        if self._patch is not None:
+            self._patch.remove()
+        for hook in self._hooks:
+            hook.remove()
+        self._state.restore_all()
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(self._original_requires_grad.get(name, p.requires_grad))
+        self._snapshot = None
+        self._removed = True
+
+    def _check_active(self) -> None:
+        if self._removed:
+            raise RuntimeError("this SlimFit was removed; create a new one to continue scheduling")
+
+    def __repr__(self) -> str:
+        return (
+            f"SlimFit(layers={len(self.layers)}, trainable={self.num_trainable}, freeze_ratio={self.freeze_ratio}, "
+            f"metric={self.metric!r}, optimizer_state={self._state.policy!r}, step={self.scheduler.step_count})"
+        )
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _check_freeze_ratio(freeze_ratio: Any) -> None:
+    ok = isinstance(freeze_ratio, (int, float)) and not isinstance(freeze_ratio, bool)
+    if not ok or not 0.0 <= freeze_ratio < 1.0:  # NaN fails the comparison too
+        raise ValueError(f"freeze_ratio must be a number in [0, 1), got {freeze_ratio!r}")
+
+
+def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer whose ``step`` actually runs (accelerate's AcceleratedOptimizer wraps one)."""
+    inner = getattr(optimizer, "optimizer", None)
+    if isinstance(inner, torch.optim.Optimizer):
+        return inner
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    return optimizer
+
+
+def _check_optimizer_holds(optimizer: torch.optim.Optimizer, named: list[tuple[str, torch.Tensor]]) -> None:
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [name for name, p in named if id(p) not in held]
+    if missing:
+        shown = ", ".join(repr(n) for n in missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise ValueError(
+            f"optimizer does not hold {len(missing)} of the model's {len(named)} trainable parameters ({shown}); "
+            "build it from model.parameters() (after any wrapping that replaces parameters)"
+        )
+
+
+def _shared_seed(seed: int) -> int:
+    """``seed`` of rank 0 when torch.distributed is running, so every rank warms up in the same order."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        box = [seed]
+        torch.distributed.broadcast_object_list(box, src=0)
+        seed = box[0]
+    return seed
+
+
+def _patch_model(model: nn.Module, compression: Any) -> Any:
+    """Install compressed-activation modules; returns a handle with ``.remove()``, or None."""
+    if compression is None:
+        return None
+    try:
+        from slimfit.models import patch
+        from slimfit.policy import CompressionPolicy
+    except ImportError:
+        warnings.warn(
+            "slimfit: activation compression is not available in this build; training uncompressed", stacklevel=3
+        )
+        return None
+    if isinstance(compression, str):
+        if compression != "default":
+            raise ValueError(f"compression must be a CompressionPolicy, 'default' or None, got {compression!r}")
+        compression = CompressionPolicy()
+    elif not isinstance(compression, CompressionPolicy):
+        raise ValueError(f"compression must be a CompressionPolicy, 'default' or None, got {compression!r}")
+    return patch(model, compression)

@@ -1,0 +1,82 @@
+"""Layer discovery: which parameters inter-layer scheduling (ILS) freezes and thaws.
+
+A *layer* is a parameter with more than one dimension (Linear / embedding / conv weights, classifier,
+position tables) or the weight (gamma) of a normalisation module (LayerNorm, RMSNorm, BatchNorm,
+GroupNorm, and model-specific norms such as ``LlamaRMSNorm``). Every other parameter (biases and the
+remaining 1-D tensors) is an *auxiliary* parameter: tiny, so it either always trains or never does.
+
+Only parameters that require grad when SlimFit is attached are considered: a parameter the user froze
+stays frozen and is not scheduled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# Modules whose 1-D ``weight`` is a normalisation gain even when their class is model-specific.
+_NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.batchnorm._NormBase,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One schedulable tensor: ``name`` as in ``model.named_parameters()`` of the unwrapped model."""
+
+    name: str
+    param: nn.Parameter
+    kind: str  # "weight" (more than one dimension) or "norm" (normalisation gain)
+
+
+@dataclass(frozen=True)
+class ParameterSplit:
+    """The trainable parameters of a model split into scheduled layers and auxiliary parameters."""
+
+    layers: tuple[Layer, ...]
+    auxiliary: tuple[tuple[str, nn.Parameter], ...]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module that holds the parameters: strips DDP / DataParallel and ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def is_norm_module(module: nn.Module) -> bool:
+    """True for normalisation modules, including model-specific classes named ``*Norm`` (e.g. T5LayerNorm)."""
+    return isinstance(module, _NORM_TYPES) or type(module).__name__.endswith("Norm")
+
+
+def split_parameters(model: nn.Module) -> ParameterSplit:
+    """Split the parameters of ``model`` that require grad into layers and auxiliary parameters.
+
+    Tied parameters (e.g. an MLM decoder sharing the word embeddings) appear once, under their first name.
+    """
+    norm_weights = {
+        id(module.weight)
+        for module in model.modules()
+        if is_norm_module(module) and isinstance(getattr(module, "weight", None), torch.Tensor)
+    }
+    layers: list[Layer] = []
+    auxiliary: list[tuple[str, nn.Parameter]] = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.dim() > 1:
+            layers.append(Layer(name, param, "weight"))
+        elif id(param) in norm_weights:
+            layers.append(Layer(name, param, "norm"))
+        else:
+            auxiliary.append((name, param))
+    return ParameterSplit(tuple(layers), tuple(auxiliary))

@@ -1,0 +1,337 @@
+"""The SlimFit facade on a tiny BERT: learning, exact resume, argument checks, remove() and DDP."""
+
+import copy
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import slimfit
+from slimfit.core import SlimFit
+
+VOCAB, SEQ = 40, 8
+
+
+def tiny_bert(seed: int = 0) -> transformers.BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=SEQ,
+        num_labels=2,
+    )
+    return transformers.BertForSequenceClassification(config)
+
+
+def batches(n: int, batch_size: int = 32, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    """Synthetic task: is the token at position 1 in the upper half of the vocabulary?"""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, VOCAB, (batch_size, SEQ), generator=g)
+        out.append({"input_ids": ids, "labels": (ids[:, 1] >= VOCAB // 2).long()})
+    return out
+
+
+def train(model, opt, sf, data):
+    """The user loop from the README; returns losses and the trainable set after each step."""
+    losses, sets = [], []
+    for batch in data:
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        sf.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+        sets.append(sf.trainable_layers())
+    return losses, sets
+
+
+def accuracy(model, data) -> float:
+    model.eval()
+    with torch.no_grad():
+        right = sum((model(input_ids=b["input_ids"]).logits.argmax(-1) == b["labels"]).sum().item() for b in data)
+    model.train()
+    return right / sum(len(b["labels"]) for b in data)
+
+
+def requires_grad_flags(model) -> dict[str, bool]:
+    return {name: p.requires_grad for name, p in model.named_parameters()}
+
+
+def test_exported_from_package():
+    assert slimfit.SlimFit is SlimFit
+
+
+def test_bert_base_has_102_layers_and_k_trainable():
+    model = transformers.BertForSequenceClassification(transformers.BertConfig())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sf = SlimFit(model, opt, freeze_ratio=0.9, compression=None)
+    assert len(sf.layers) == 102
+    assert sf.num_trainable == 10
+    assert sum(layer.param.requires_grad for layer in sf.layers) == 10
+    biases = [p for name, p in model.named_parameters() if name.endswith("bias")]
+    assert biases and all(p.requires_grad for p in biases)
+
+
+def test_tiny_bert_learns_at_freeze_ratio_half():
+    model = tiny_bert()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    sf = SlimFit(model, opt, freeze_ratio=0.5, compression=None)
+    losses, sets = train(model, opt, sf, batches(80))
+    assert all(len(s) == sf.num_trainable == 11 for s in sets)
+    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
+    assert accuracy(model, batches(4, seed=2)) >= 0.9
+
+
+@pytest.mark.parametrize("optimizer_state", ["keep", "drop", "offload"])
+def test_state_dict_round_trip_reproduces_uninterrupted_run(optimizer_state):
+    data = batches(24)
+
+    def fresh():
+        model = tiny_bert()
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        return model, opt, SlimFit(model, opt, freeze_ratio=0.5, optimizer_state=optimizer_state, compression=None)
+
+    torch.manual_seed(7)
+    model, opt, sf = fresh()
+    ref_losses, ref_sets = train(model, opt, sf, data)
+    ref_flags = requires_grad_flags(model)
+
+    torch.manual_seed(7)
+    model, opt, sf = fresh()
+    losses, sets = train(model, opt, sf, data[:10])
+    checkpoint = copy.deepcopy(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "sf": sf.state_dict(), "rng": torch.get_rng_state()}
+    )
+    del model, opt, sf
+
+    model, opt, sf = fresh()  # a different initial trainable set than the checkpoint's
+    model.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["opt"])
+    sf.load_state_dict(checkpoint["sf"])
+    torch.set_rng_state(checkpoint["rng"])
+    assert sf.trainable_layers() == ref_sets[9]
+    more_losses, more_sets = train(model, opt, sf, data[10:])
+    assert losses + more_losses == ref_losses
+    assert sets + more_sets == ref_sets
+    assert requires_grad_flags(model) == ref_flags
+
+
+def test_load_order_slimfit_then_optimizer_also_reproduces():
+    data = batches(12)
+    torch.manual_seed(3)
+    model = tiny_bert()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    sf = SlimFit(model, opt, freeze_ratio=0.5, optimizer_state="drop", compression=None)
+    train(model, opt, sf, data[:6])
+    checkpoint = copy.deepcopy(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "sf": sf.state_dict(), "rng": torch.get_rng_state()}
+    )
+    ref_losses, ref_sets = train(model, opt, sf, data[6:])
+
+    model = tiny_bert(seed=5)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    sf = SlimFit(model, opt, freeze_ratio=0.5, optimizer_state="drop", compression=None)
+    model.load_state_dict(checkpoint["model"])
+    sf.load_state_dict(checkpoint["sf"])
+    opt.load_state_dict(checkpoint["opt"])
+    torch.set_rng_state(checkpoint["rng"])
+    assert train(model, opt, sf, data[6:]) == (ref_losses, ref_sets)
+
+
+def test_load_state_dict_rejects_other_model_or_freeze_ratio():
+    model = tiny_bert()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = SlimFit(model, opt, freeze_ratio=0.5, compression=None).state_dict()
+
+    other = tiny_bert()
+    other.classifier = nn.Linear(32, 3)
+    opt = torch.optim.SGD(other.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="different model"):
+        SlimFit(other, opt, freeze_ratio=0.5, compression=None).load_state_dict(state)
+
+    renamed = nn.ModuleDict({"wrapped": tiny_bert()})
+    opt = torch.optim.SGD(renamed.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="first difference"):
+        SlimFit(renamed, opt, freeze_ratio=0.5, compression=None).load_state_dict(state)
+
+    model = tiny_bert()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="freeze_ratio=0.5"):
+        SlimFit(model, opt, freeze_ratio=0.75, compression=None).load_state_dict(state)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, 1.5, float("nan"), "0.9", None, True])
+def test_bad_freeze_ratio(value):
+    model = tiny_bert()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"freeze_ratio must be a number in \[0, 1\), got"):
+        SlimFit(model, opt, freeze_ratio=value, compression=None)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"metric": "l2"}, r"metric must be one of \['rel_l2', 'rel_l1_mean'\], got 'l2'"),
+        ({"optimizer_state": "cpu"}, r"optimizer_state must be one of \['keep', 'drop', 'offload'\], got 'cpu'"),
+        ({"train_biases": 1}, "train_biases must be a bool"),
+        ({"seed": 1.5}, "seed must be an int or None"),
+    ],
+)
+def test_bad_options(kwargs, match):
+    model = tiny_bert()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=match):
+        SlimFit(model, opt, compression=None, **kwargs)
+
+
+def test_model_without_candidate_layers():
+    class BiasOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shift = nn.Parameter(torch.zeros(3))
+
+    model = BiasOnly()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="BiasOnly.*no candidate layers"):
+        SlimFit(model, opt, compression=None)
+
+
+def test_optimizer_must_hold_the_models_parameters():
+    model = tiny_bert()
+    unrelated = torch.optim.SGD(tiny_bert().parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="optimizer does not hold"):
+        SlimFit(model, unrelated, compression=None)
+    partial = torch.optim.SGD(model.classifier.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="bert.embeddings.word_embeddings.weight"):
+        SlimFit(model, partial, compression=None)
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        SlimFit(model, object(), compression=None)
+
+
+def test_user_frozen_parameters_are_not_scheduled():
+    model = tiny_bert()
+    model.bert.embeddings.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    sf = SlimFit(model, opt, freeze_ratio=0.5, compression=None)
+    assert not any(name.startswith("bert.embeddings") for name in sf.layer_names)
+    train(model, opt, sf, batches(3))
+    assert not any(p.requires_grad for p in model.bert.embeddings.parameters())
+
+
+def test_train_biases_false_freezes_auxiliary_parameters():
+    model = tiny_bert()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sf = SlimFit(model, opt, freeze_ratio=0.5, train_biases=False, compression=None)
+    train(model, opt, sf, batches(3))
+    scheduled = set(sf.layer_names)
+    assert all(not p.requires_grad for name, p in model.named_parameters() if name not in scheduled)
+    assert sum(p.requires_grad for p in model.parameters()) == sf.num_trainable
+
+
+@pytest.mark.parametrize("make_opt", [torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD])
+def test_trains_only_scheduled_layers_with_common_optimizers(make_opt):
+    model = tiny_bert()
+    opt = make_opt(model.parameters(), lr=1e-2)
+    sf = SlimFit(model, opt, freeze_ratio=0.5, compression=None)
+    for batch in batches(4):
+        frozen = {name: model.get_parameter(name).detach().clone() for name in sf.layer_names}
+        for name in sf.trainable_layers():
+            del frozen[name]
+        model(**batch).loss.backward()
+        opt.step()
+        sf.step()
+        opt.zero_grad()
+        for name, before in frozen.items():
+            assert torch.equal(model.get_parameter(name), before), name
+
+
+def test_stale_gradient_of_a_frozen_layer_is_cleared():
+    """With zero_grad(set_to_none=False) a frozen layer would keep a gradient and drift with momentum."""
+    model = tiny_bert()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    sf = SlimFit(model, opt, freeze_ratio=0.5, compression=None)
+    for batch in batches(4):
+        model(**batch).loss.backward()
+        opt.step()
+        sf.step()
+        frozen = [layer.param for layer in sf.layers if not layer.param.requires_grad]
+        assert all(p.grad is None for p in frozen)
+        opt.zero_grad(set_to_none=False)
+
+
+def test_skipped_optimizer_step_keeps_the_trainable_set():
+    model = tiny_bert()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sf = SlimFit(model, opt, freeze_ratio=0.5, compression=None)
+    before = sf.trainable_layers()
+    model(**batches(1)[0]).loss.backward()
+    sf.step()  # as if a GradScaler had skipped optimizer.step()
+    opt.zero_grad()
+    assert sf.trainable_layers() == before
+    assert sf.stats.skipped_steps == 1 and sf.stats.scored_steps == 0
+
+
+def test_remove_restores_flags_and_detaches_hooks():
+    model = tiny_bert()
+    model.bert.pooler.requires_grad_(False)
+    flags = requires_grad_flags(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    sf = SlimFit(model, opt, freeze_ratio=0.9, compression=None)
+    train(model, opt, sf, batches(2))
+    assert requires_grad_flags(model) != flags
+    sf.remove()
+    assert requires_grad_flags(model) == flags
+    model(**batches(1)[0]).loss.backward()
+    opt.step()  # no snapshot is taken any more
+    assert sf._snapshot is None
+    with pytest.raises(RuntimeError, match="removed"):
+        sf.step()
+    sf.remove()
+
+
+def test_memory_report_categories():
+    model = tiny_bert()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sf = SlimFit(model, opt, freeze_ratio=0.5, optimizer_state="drop", compression=None)
+    train(model, opt, sf, batches(2))
+    report = sf.memory_report()
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    assert report["weights"] == weights
+    assert 0 < report["trainable_weights"] < weights
+    assert report["gradients"] == 0  # after zero_grad
+    # Adam keeps two fp32 moments (+ a scalar step) per tensor it has updated; dropped for the frozen ones.
+    assert all(p.requires_grad for p in opt.state)
+    assert report["optimizer_state"] == sum(2 * p.numel() * 4 + 4 for p in opt.state)
+    assert report["optimizer_state_offloaded"] == 0
+    assert "cuda_max_memory_allocated" not in report
+
+
+def test_ddp_wrapped_model(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = tiny_bert()
+        ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        opt = torch.optim.AdamW(ddp.parameters(), lr=3e-3)
+        sf = SlimFit(ddp, opt, freeze_ratio=0.5, compression=None, seed=0)
+        assert sf.model is model
+        assert not any(name.startswith("module.") for name in sf.layer_names)
+        torch.manual_seed(0)
+        losses, sets = train(ddp, opt, sf, batches(6))
+    finally:
+        dist.destroy_process_group()
+    # One process: DDP must train exactly like the bare model.
+    model = tiny_bert()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    sf = SlimFit(model, opt, freeze_ratio=0.5, compression=None, seed=0)
+    torch.manual_seed(0)
+    ref_losses, ref_sets = train(model, opt, sf, batches(6))
+    assert sets == ref_sets
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
