@@ -1,5 +1,6 @@
 // Scalar helpers shared by the CPU and CUDA kernels; each mirrors a function in slimfit/reference.py.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -123,6 +124,46 @@ SF_HD float dequantize_code(uint32_t code, float scale, float offset) {
 SF_HD uint32_t unpack_code(const uint8_t* codes, int64_t i, int bits) {
   const int per_byte = 8 / bits;
   return (codes[i / per_byte] >> ((i % per_byte) * bits)) & ((1U << bits) - 1U);
+}
+
+}  // namespace slimfit
+
+namespace slimfit {
+
+// Columns addressed by one uint16 sparse index (reference._INDEX_BLOCK).
+constexpr int64_t kIndexBlock = 65536;
+
+// Total order used by sparsify (reference._magnitude_key, ties to the lower column): larger key ranks first.
+SF_HD uint64_t rank_key(float v, int64_t column) {
+  return (static_cast<uint64_t>(float_bits(v) & 0x7FFFFFFFU) << 32) | (0xFFFFFFFFU - static_cast<uint32_t>(column));
+}
+
+}  // namespace slimfit
+
+namespace slimfit {
+
+// update_norms: elements per work chunk (CPU task, CUDA block) and the per-pair result from its two sums.
+constexpr int64_t kNormChunk = 1 << 16;
+
+// Per-element terms in float64 on float32-converted inputs (reference.update_norms); rel_l1_mean adds only s0.
+SF_HD void norm_terms(float before, float after, bool l2, double eps, double& s0, double& s1) {
+  const double b = static_cast<double>(before);
+  const double d = static_cast<double>(after) - b;
+  if (l2) {
+    s0 += d * d;
+    s1 += b * b;
+  } else {
+    const double mag = b < 0.0 ? -b : b;
+    s0 += (d < 0.0 ? -d : d) / (mag > eps || mag != mag ? mag : eps);
+  }
+}
+
+SF_HD float finish_norm(double s0, double s1, int64_t n, bool l2, double eps) {
+  if (l2) {
+    const double denom = sqrt(s1);
+    return static_cast<float>(sqrt(s0) / (denom > eps || denom != denom ? denom : eps));
+  }
+  return n ? static_cast<float>(s0 / static_cast<double>(n)) : 0.0f;
 }
 
 }  // namespace slimfit

@@ -173,6 +173,12 @@ def _magnitude_key(x: torch.Tensor) -> torch.Tensor:
     return (x.to(torch.float32).contiguous().view(torch.int32) & 0x7FFFFFFF).to(torch.int64)
 
 
+def _bits_view(x: torch.Tensor) -> torch.Tensor:
+    """``x`` viewed as a same-width integer tensor: gather/scatter on it move bit patterns exactly
+    (torch's bfloat16 gather does not preserve NaN payloads)."""
+    return x.contiguous().view(torch.int32 if x.element_size() == 4 else torch.int16)
+
+
 def _rows(shape: Sequence[int]) -> tuple[int, int]:
     n = shape[-1] if len(shape) else 1
     return math.prod(shape[:-1]), n
@@ -195,7 +201,7 @@ def sparsify(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch
     indices = ((low ^ 0x8000) - 0x8000).to(torch.int16)  # uint16 stored in int16's two's complement
     starts = torch.arange(num_blocks, device=x.device, dtype=torch.int64) * _INDEX_BLOCK
     block_offsets = torch.searchsorted(cols, starts.expand(rows, num_blocks).contiguous(), out_int32=True)
-    return x2.gather(1, cols), indices, block_offsets
+    return _bits_view(x2).gather(1, cols).view(x.dtype), indices, block_offsets
 
 
 def densify(
@@ -203,16 +209,16 @@ def densify(
 ) -> torch.Tensor:
     """Inverse of :func:`sparsify`: kept values at their columns, zero elsewhere, reshaped to ``shape``."""
     rows, n = _rows(shape)
-    out = values.new_zeros(rows, n)
+    out = _bits_view(values.new_zeros(rows, n))
     k = values.shape[1]
     if rows == 0 or k == 0:
-        return out.view(tuple(shape))
+        return out.view(values.dtype).view(tuple(shape))
     cols = indices.to(torch.int64) & (_INDEX_BLOCK - 1)
     if block_offsets.shape[1]:
         j = torch.arange(k, device=values.device, dtype=torch.int32).expand(rows, k).contiguous()
         block = torch.searchsorted(block_offsets.contiguous(), j, right=True) - 1
         cols = cols + block * _INDEX_BLOCK
-    return out.scatter_(1, cols, values).view(tuple(shape))
+    return out.scatter_(1, cols, _bits_view(values)).view(values.dtype).view(tuple(shape))
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:

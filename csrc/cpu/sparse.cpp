@@ -1,0 +1,110 @@
+// CPU kernels for slimfit::sparsify / slimfit::densify (format: slimfit/reference.py).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+#include "../common.h"
+
+namespace slimfit {
+namespace {
+
+constexpr int64_t kGrainElements = 1 << 15;
+
+template <typename scalar_t>
+void sparsify_kernel(const scalar_t* x, int64_t rows, int64_t n, int64_t k, scalar_t* values, int16_t* indices,
+                     int32_t* block_offsets, int64_t num_blocks) {
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / n);
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<uint64_t> keys(static_cast<size_t>(n));
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* row = x + r * n;
+      for (int64_t j = 0; j < n; ++j) keys[j] = rank_key(static_cast<float>(row[j]), j);
+      // The k-th largest key is the threshold; keys are unique, so exactly k entries reach it.
+      std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end(), std::greater<uint64_t>());
+      const uint64_t threshold = keys[k - 1];
+      scalar_t* v = values + r * k;
+      int16_t* idx = indices + r * k;
+      int32_t* blocks = block_offsets + r * num_blocks;
+      int64_t c = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        if (num_blocks && j % kIndexBlock == 0) blocks[j / kIndexBlock] = static_cast<int32_t>(c);
+        if (rank_key(static_cast<float>(row[j]), j) >= threshold) {
+          v[c] = row[j];
+          idx[c] = static_cast<int16_t>(static_cast<uint16_t>(j & (kIndexBlock - 1)));
+          ++c;
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparsify_cpu(const at::Tensor& x_in, int64_t k) {
+  const int64_t n = x_in.dim() ? x_in.size(-1) : 1;
+  const int64_t rows = n ? x_in.numel() / n : c10::multiply_integers(x_in.sizes().slice(0, x_in.dim() - 1));
+  TORCH_CHECK(k >= 0 && k <= n, "slimfit::sparsify: k must be in [0, ", n, "], got ", k);
+  TORCH_CHECK(n <= (int64_t{1} << 31), "slimfit::sparsify: rows longer than 2**31 are not supported, got ", n);
+  const int64_t num_blocks = n > kIndexBlock ? (n + kIndexBlock - 1) / kIndexBlock : 0;
+  const at::Tensor x = x_in.contiguous();
+  auto values = at::empty({rows, k}, x.options());
+  auto indices = at::empty({rows, k}, x.options().dtype(at::kShort));
+  auto block_offsets = at::zeros({rows, num_blocks}, x.options().dtype(at::kInt));
+  if (rows == 0 || k == 0) return {values, indices, block_offsets};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "slimfit_sparsify_cpu", [&] {
+    sparsify_kernel<scalar_t>(x.data_ptr<scalar_t>(), rows, n, k, values.data_ptr<scalar_t>(),
+                              indices.data_ptr<int16_t>(), block_offsets.data_ptr<int32_t>(), num_blocks);
+  });
+  return {values, indices, block_offsets};
+}
+
+at::Tensor densify_cpu(const at::Tensor& values_in, const at::Tensor& indices_in, const at::Tensor& offsets_in,
+                       at::IntArrayRef shape) {
+  const int64_t n = shape.empty() ? 1 : shape.back();
+  const int64_t rows = c10::multiply_integers(shape.slice(0, shape.empty() ? 0 : shape.size() - 1));
+  TORCH_CHECK(values_in.dim() == 2 && values_in.size(0) == rows && values_in.size(1) <= n,
+              "slimfit::densify: values must be [rows, k] with k <= row length for shape ", shape);
+  const int64_t k = values_in.size(1);
+  const int64_t num_blocks = n > kIndexBlock ? (n + kIndexBlock - 1) / kIndexBlock : 0;
+  TORCH_CHECK(indices_in.scalar_type() == at::kShort && indices_in.sizes() == values_in.sizes(),
+              "slimfit::densify: indices must be int16 with the shape of values");
+  TORCH_CHECK(offsets_in.scalar_type() == at::kInt && offsets_in.dim() == 2 && offsets_in.size(0) == rows &&
+                  offsets_in.size(1) == num_blocks,
+              "slimfit::densify: block_offsets must be int32 [rows, ", num_blocks, "]");
+  const at::Tensor values = values_in.contiguous(), indices = indices_in.contiguous(), offsets = offsets_in.contiguous();
+  auto out = at::empty(shape, values.options());
+  if (out.numel() == 0) return out;
+  const int16_t* idx = indices.data_ptr<int16_t>();
+  const int32_t* blk = offsets.data_ptr<int32_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "slimfit_densify_cpu", [&] {
+    const scalar_t* v = values.data_ptr<scalar_t>();
+    scalar_t* y = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / n), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        scalar_t* row = y + r * n;
+        std::memset(static_cast<void*>(row), 0, sizeof(scalar_t) * n);
+        const int32_t* starts = blk + r * num_blocks;
+        int64_t block = 0;
+        for (int64_t j = 0; j < k; ++j) {
+          while (block + 1 < num_blocks && starts[block + 1] <= j) ++block;
+          const int64_t col = block * kIndexBlock + static_cast<uint16_t>(idx[r * k + j]);
+          TORCH_CHECK(col < n, "slimfit::densify: column ", col, " of row ", r, " is outside the row length ", n);
+          row[col] = v[r * k + j];
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(slimfit, CPU, m) {
+  m.impl("sparsify", &sparsify_cpu);
+  m.impl("densify", &densify_cpu);
+}
+
+}  // namespace slimfit
