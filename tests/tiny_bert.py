@@ -1,0 +1,55 @@
+"""A tiny randomly initialised BERT with a WordPiece tokenizer, saved as a local Hugging Face model folder.
+
+Tests of the CLI, the benchmark and the Trainer callback use it instead of the bundled MiniLM: it loads in
+milliseconds and a training step takes a few milliseconds on one CPU core.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+SPORT = "goal match team player score win league ball coach stadium".split()
+TECH = "computer software chip code data network phone app server robot".split()
+
+
+def save_tiny_bert(folder: Path) -> Path:
+    """Write config, weights and tokenizer of a 2-layer, hidden-32 BERT into ``folder`` and return it."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *SPORT, *TECH]) + "\n")
+    # Positional: transformers 4 calls the argument vocab_file, transformers 5 calls it vocab.
+    BertTokenizerFast(str(vocab)).save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=5 + len(SPORT) + len(TECH),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    return folder
+
+
+def texts(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """``n`` (text, label) pairs: sport words -> "sport", tech words -> "tech", alternating."""
+    import random
+
+    rng = random.Random(seed)
+    pairs = []
+    for i in range(n):
+        words, label = (SPORT, "sport") if i % 2 == 0 else (TECH, "tech")
+        pairs.append((" ".join(rng.choices(words, k=rng.randint(4, 12))), label))
+    return pairs
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]], text_column: str = "body", label_column: str = "topic") -> Path:
+    """A CSV with custom column names (plus an unused id column)."""
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", text_column, label_column])
+        writer.writerows((i, text, label) for i, (text, label) in enumerate(rows))
+    return path
