@@ -1,7 +1,8 @@
 """Builds slimfit._C: C++ kernels always, CUDA kernels when torch has CUDA and a toolkit is found.
 
 torch must already be installed: build with ``pip install --no-build-isolation .``.
-Environment: SLIMFIT_CUDA=0 skips the CUDA sources, SLIMFIT_CUDA=1 makes a missing toolkit an error.
+Environment: SLIMFIT_CUDA=0 skips the CUDA sources, SLIMFIT_CUDA=1 makes a missing toolkit an error;
+SLIMFIT_SANITIZE=address builds the C++ kernels with AddressSanitizer (run with libasan preloaded).
 """
 
 import glob
@@ -42,10 +43,15 @@ def want_cuda() -> bool:
 
 def extension():
     cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp"]
+    link_flags = ["-fopenmp"]
+    sanitizer = os.environ.get("SLIMFIT_SANITIZE")
+    if sanitizer:
+        cxx_flags += [f"-fsanitize={sanitizer}", "-fno-omit-frame-pointer", "-g"]
+        link_flags += [f"-fsanitize={sanitizer}"]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     kwargs = dict(
         name="slimfit._C",
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_flags,
         py_limited_api=True,
         define_macros=[("Py_LIMITED_API", "0x030A0000")],
     )
