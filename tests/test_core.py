@@ -214,6 +214,27 @@ def test_optimizer_must_hold_the_models_parameters():
         SlimFit(model, object(), compression=None)
 
 
+def test_wrapped_optimizer_is_unwrapped():
+    """accelerate's AcceleratedOptimizer keeps the torch optimizer in ``.optimizer``."""
+
+    class Wrapper:
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+        def step(self):
+            self.optimizer.step()
+
+        def zero_grad(self):
+            self.optimizer.zero_grad()
+
+    model = tiny_bert()
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sf = SlimFit(model, Wrapper(inner), freeze_ratio=0.5, compression=None)
+    assert sf.optimizer is inner
+    _, sets = train(model, Wrapper(inner), sf, batches(3))
+    assert sf.stats.scored_steps == 3 and len(set(map(tuple, sets))) > 1
+
+
 def test_user_frozen_parameters_are_not_scheduled():
     model = tiny_bert()
     model.bert.embeddings.requires_grad_(False)
