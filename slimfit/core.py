@@ -112,7 +112,10 @@ class SlimFit:
                 f"model ({type(self.model).__name__}) has no candidate layers: SlimFit schedules parameters that "
                 "require grad and have more than one dimension or are normalisation weights"
             )
-        _check_optimizer_holds(optimizer, [(layer.name, layer.param) for layer in split.layers] + list(split.auxiliary))
+        trained = [(layer.name, layer.param) for layer in split.layers] + (
+            list(split.auxiliary) if train_biases else []
+        )
+        _check_optimizer_holds(optimizer, trained)
         self.layers: tuple[Layer, ...] = split.layers
         self.num_trainable = max(1, round((1.0 - self.freeze_ratio) * len(self.layers)))
 

@@ -253,6 +253,15 @@ def test_train_biases_false_freezes_auxiliary_parameters():
     scheduled = set(sf.layer_names)
     assert all(not p.requires_grad for name, p in model.named_parameters() if name not in scheduled)
     assert sum(p.requires_grad for p in model.parameters()) == sf.num_trainable
+    # The biases then need not be in the optimizer at all.
+    for train_biases in (False, True):
+        model = tiny_bert()
+        layers_only = torch.optim.AdamW([model.get_parameter(name) for name in sf.layer_names], lr=1e-3)
+        if train_biases:
+            with pytest.raises(ValueError, match="bias"):
+                SlimFit(model, layers_only, freeze_ratio=0.5, train_biases=True, compression=None)
+        else:
+            SlimFit(model, layers_only, freeze_ratio=0.5, train_biases=False, compression=None)
 
 
 @pytest.mark.parametrize("make_opt", [torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD])
