@@ -1,0 +1,123 @@
+"""Patch a model so that what it saves for backward is compressed: :func:`patch` and :class:`PatchHandle`.
+
+Modules are patched by type, in place: an instance's ``__class__`` becomes a subclass of its own class
+(:mod:`slimfit.nn.modules`), so parameters, hooks, state-dict keys and ``isinstance`` checks are unchanged and
+:meth:`PatchHandle.remove` restores the exact original classes.
+
+- torch modules of exactly these types: ``nn.Linear``, ``nn.LayerNorm``, ``nn.Dropout``, ``nn.GELU``, ``nn.ReLU``,
+  ``nn.SiLU``, ``nn.Tanh``, ``nn.Sigmoid`` (the generic path: any model built from them);
+- transformers activation classes (GELU variants, SiLU) and attention modules that dispatch through the
+  attention-function registry with ``attn_implementation="sdpa"``: BERT, RoBERTa, ELECTRA, DistilBERT, ViT,
+  DeiT and other 5.x models (:mod:`slimfit.models.hf`).
+
+Leaf modules that hold parameters or compute an activation or attention we do not handle (e.g. ``nn.Conv2d``,
+``nn.MultiheadAttention``, eager attention) stay uncompressed; one warning names them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from slimfit.models import hf
+from slimfit.nn.modules import TORCH_MODULES, patched_class
+from slimfit.policy import CompressionPolicy
+
+__all__ = ["PatchHandle", "patch"]
+
+_POLICY_ATTR = "slimfit_policy"
+# Leaf modules that save nothing worth compressing (indices, or nothing at all).
+_HARMLESS = (nn.Embedding, nn.Identity, nn.Flatten)
+_ACTIVATION_MODULES = (nn.modules.activation.__name__, "transformers.activations")
+
+
+@dataclass
+class PatchHandle:
+    """What :func:`patch` changed; :meth:`remove` undoes it.
+
+    Attributes:
+        patched: module name -> original class, for every module whose class was switched.
+        attention: names of attention modules routed to compressed SDPA.
+        unsupported: ``"name (ClassName)"`` of modules left uncompressed.
+    """
+
+    model: nn.Module | None
+    policy: CompressionPolicy | None
+    patched: dict[str, type] = field(default_factory=dict)
+    attention: list[str] = field(default_factory=list)
+    unsupported: list[str] = field(default_factory=list)
+    _uses_dispatcher: bool = False
+
+    def remove(self) -> None:
+        """Restore every patched module's original class and drop slimfit's attributes (idempotent)."""
+        if self.model is None:
+            return
+        modules = dict(self.model.named_modules())
+        for name, cls in self.patched.items():
+            m = modules[name]
+            m.__class__ = cls
+            m.__dict__.pop(_POLICY_ATTR, None)
+        for name in self.attention:
+            modules[name].__dict__.pop(hf.ATTENTION_ATTR, None)
+        if self._uses_dispatcher:
+            hf.DISPATCHER.release()
+        self.model = None
+        self.patched, self.attention = {}, []
+
+
+def patch(model: nn.Module, policy: CompressionPolicy | None) -> PatchHandle:
+    """Switch ``model``'s supported modules to compressed-saving versions following ``policy``.
+
+    ``policy=None`` changes nothing (the handle's ``remove`` is a no-op), so results are bit-identical to the
+    unpatched model. A model already patched must be restored (``remove``) before patching it again.
+    Call it on the model's modules as they will run (e.g. after ``model.to(device)``; the patch survives it).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if policy is not None and not isinstance(policy, CompressionPolicy):
+        raise ValueError(f"policy must be a CompressionPolicy or None, got {policy!r}")
+    handle = PatchHandle(model, policy)
+    if policy is None:
+        return handle
+    already = [n for n, m in model.named_modules() if _POLICY_ATTR in m.__dict__ or hf.ATTENTION_ATTR in m.__dict__]
+    if already:
+        raise ValueError(f"model is already patched (e.g. module {already[0]!r}); call remove() on its handle first")
+
+    hf_acts = hf.activation_classes()
+    for name, m in model.named_modules():
+        cls = type(m)
+        target = TORCH_MODULES.get(cls)
+        if target is None and cls in hf_acts:
+            target = patched_class(cls, "activation", hf_acts[cls])
+        if target is not None:
+            handle.patched[name] = cls
+            m.__class__ = target
+            setattr(m, _POLICY_ATTR, policy)
+        elif hf.is_registry_attention(m):
+            impl = hf.attention_implementation(m)
+            if impl != "sdpa":
+                handle.unsupported.append(f"{name} ({cls.__name__}, attn_implementation={impl!r})")
+            elif policy.attention is not None:
+                setattr(m, hf.ATTENTION_ATTR, policy.attention)
+                handle.attention.append(name)
+        elif isinstance(m, nn.MultiheadAttention) or _is_unsupported_leaf(m):
+            handle.unsupported.append(f"{name} ({cls.__name__})")
+    if handle.attention and hf.DISPATCHER.available:
+        hf.DISPATCHER.acquire()
+        handle._uses_dispatcher = True
+    if handle.unsupported:
+        warnings.warn(
+            f"slimfit: {len(handle.unsupported)} module(s) stay uncompressed: {', '.join(handle.unsupported)}",
+            stacklevel=2,
+        )
+    return handle
+
+
+def _is_unsupported_leaf(m: nn.Module) -> bool:
+    if next(m.children(), None) is not None or isinstance(m, _HARMLESS):
+        return False
+    owns_params = next(m.parameters(recurse=False), None) is not None
+    is_activation = type(m).__module__ in _ACTIVATION_MODULES
+    return owns_params or is_activation

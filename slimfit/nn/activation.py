@@ -1,0 +1,138 @@
+"""Pointwise activations that keep a few-bit code of their derivative (or a quantized input) for backward.
+
+Few-Bit Backward (Novikov et al., ICML 2023): backward of ``y = f(x)`` only needs ``f'(x)``, so forward stores
+``f'(x)`` rounded to one of ``2**bits`` levels instead of ``x``. Levels and decision thresholds are fitted once
+per activation by Lloyd-Max on the distribution of ``f'(x)`` for ``x ~ N(0, 1)``; each code is stored as
+``bits`` bit-planes of 1 bit per element (:func:`slimfit.ops.pack_bits`), e.g. 2 bits per element for GELU.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from slimfit import ops
+from slimfit.nn._saving import decode, encode, load, save
+from slimfit.policy import DerivativeCode, Quantize
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def _gelu_grad(x: torch.Tensor) -> torch.Tensor:
+    cdf = 0.5 * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
+    pdf = torch.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+    return cdf + x * pdf
+
+
+def _gelu_tanh_grad(x: torch.Tensor) -> torch.Tensor:
+    inner = _SQRT_2_OVER_PI * (x + 0.044715 * x**3)
+    t = torch.tanh(inner)
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
+
+
+def _silu_grad(x: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(x)
+    return s * (1.0 + x * (1.0 - s))
+
+
+def _sigmoid_grad(x: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(x)
+    return s * (1.0 - s)
+
+
+def _tanh_grad(x: torch.Tensor) -> torch.Tensor:
+    return 1.0 - torch.tanh(x) ** 2
+
+
+@dataclass(frozen=True)
+class Activation:
+    """A pointwise activation: its forward and its derivative, both elementwise on tensors."""
+
+    name: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    grad: Callable[[torch.Tensor], torch.Tensor]
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    a.name: a
+    for a in (
+        Activation("gelu", F.gelu, _gelu_grad),
+        Activation("gelu_tanh", lambda x: F.gelu(x, approximate="tanh"), _gelu_tanh_grad),
+        Activation("relu", F.relu, lambda x: (x > 0).to(x.dtype)),
+        Activation("silu", F.silu, _silu_grad),
+        Activation("sigmoid", torch.sigmoid, _sigmoid_grad),
+        Activation("tanh", torch.tanh, _tanh_grad),
+    )
+}
+
+
+@cache
+def derivative_levels(name: str, bits: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(levels, thresholds)`` of the ``bits``-bit Lloyd-Max quantizer of ``f'(x)``, ``x ~ N(0, 1)``.
+
+    ``levels`` are ``2**bits`` increasing derivative values; ``thresholds`` the ``2**bits - 1`` midpoints
+    between them (a derivative below ``thresholds[i]`` gets a code <= i).
+    """
+    act = ACTIVATIONS[name]
+    x = torch.linspace(-8.0, 8.0, 64001, dtype=torch.float64)
+    weight = torch.exp(-0.5 * x * x)
+    d = act.grad(x)
+    n = 1 << bits
+    levels = torch.quantile(d, (torch.arange(n, dtype=torch.float64) + 0.5) / n)
+    for _ in range(200):
+        thresholds = (levels[1:] + levels[:-1]) / 2
+        code = torch.bucketize(d, thresholds)
+        mass = torch.zeros(n, dtype=torch.float64).index_add_(0, code, weight)
+        total = torch.zeros(n, dtype=torch.float64).index_add_(0, code, weight * d)
+        levels = torch.where(mass > 0, total / mass.clamp_min(1e-300), levels)
+    thresholds = (levels[1:] + levels[:-1]) / 2
+    return tuple(levels.tolist()), tuple(thresholds.tolist())
+
+
+class ActivationFunction(torch.autograd.Function):
+    """``y = f(x)`` for ``f`` in :data:`ACTIVATIONS`, saving a derivative code or a quantized ``x``."""
+
+    @staticmethod
+    def forward(ctx, x, name: str, setting: DerivativeCode | Quantize | None):
+        act = ACTIVATIONS[name]
+        ctx.act_name = name
+        ctx.setting = setting
+        if not ctx.needs_input_grad[0]:
+            save(ctx)
+        elif isinstance(setting, DerivativeCode):
+            _, thresholds = derivative_levels(name, setting.bits)
+            d = act.grad(x.detach())
+            code = torch.bucketize(d, torch.tensor(thresholds, dtype=d.dtype, device=d.device))
+            save(ctx, *(ops.pack_bits(((code >> b) & 1).bool()) for b in range(setting.bits)))
+        else:
+            save(ctx, encode(x, setting))
+        return act.fn(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        saved = load(ctx)
+        if isinstance(ctx.setting, DerivativeCode):
+            levels, _ = derivative_levels(ctx.act_name, ctx.setting.bits)
+            code = torch.zeros(grad.shape, dtype=torch.int64, device=grad.device)
+            for b, plane in enumerate(saved):
+                code |= ops.unpack_bits(plane).to(torch.int64) << b
+            d = torch.tensor(levels, dtype=grad.dtype, device=grad.device)[code]
+        else:
+            d = ACTIVATIONS[ctx.act_name].grad(decode(saved[0]).to(grad.dtype))
+        return grad * d, None, None
+
+
+def activation(x: torch.Tensor, name: str, setting: DerivativeCode | Quantize | None) -> torch.Tensor:
+    """Activation ``name`` (a key of :data:`ACTIVATIONS`) saving per ``setting`` (exact PyTorch op when None)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"name must be one of {sorted(ACTIVATIONS)}, got {name!r}")
+    if setting is None or not (torch.is_grad_enabled() and x.requires_grad):
+        return ACTIVATIONS[name].fn(x)
+    return ActivationFunction.apply(x, name, setting)

@@ -1,0 +1,63 @@
+"""Linear layer that keeps its input compressed for the weight gradient, shared between sibling Linears."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from slimfit.nn._saving import decode, encode, load, save
+from slimfit.policy import Quantize
+
+# Attribute set on an input tensor to share its code between Linears that read it (Q, K, V): the code lives
+# exactly as long as the tensor object, and the graph holds one storage however many Linears save it.
+_SHARED_CODE_ATTR = "_slimfit_linear_code"
+
+
+def shared_code(x: torch.Tensor, setting: Quantize | None):
+    """``encode(x, setting)``, computed once per (tensor, version, setting) and reused afterwards."""
+    if setting is None:
+        return x
+    cached = getattr(x, _SHARED_CODE_ATTR, None)
+    if cached is not None and cached[0] == (x._version, setting):
+        return cached[1]
+    code = encode(x, setting)
+    setattr(x, _SHARED_CODE_ATTR, ((x._version, setting), code))
+    return code
+
+
+class LinearFunction(torch.autograd.Function):
+    """``y = x @ W^T + b`` saving ``W`` (a parameter, free) for dx and the encoded ``x`` only when W trains.
+
+    Shapes: x ``[..., in]``, weight ``[out, in]``, bias ``[out]`` or None, y ``[..., out]``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, setting: Quantize | None):
+        need_x, need_w, _ = ctx.needs_input_grad[:3]
+        save(ctx, weight if need_x else None, shared_code(x, setting) if need_w else None)
+        ctx.x_dtype = x.dtype
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        weight, x_saved = load(ctx)
+        dx = dw = db = None
+        if need_x:
+            dx = (grad @ weight.to(grad.dtype)).to(ctx.x_dtype)
+        if need_w:
+            x = decode(x_saved)
+            g2 = grad.reshape(-1, grad.shape[-1])
+            dw = g2.t() @ x.reshape(-1, x.shape[-1]).to(grad.dtype)
+        if need_b:
+            db = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return dx, dw, db, None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, setting: Quantize | None) -> torch.Tensor:
+    """``F.linear`` that saves ``x`` as ``setting`` says when ``weight`` trains (exact ``F.linear`` otherwise)."""
+    if setting is None or not (torch.is_grad_enabled() and weight.requires_grad):
+        return F.linear(x, weight, bias)
+    return LinearFunction.apply(x, weight, bias, setting)
