@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from slimfit import ops
+from slimfit.distributed import broadcast_indices, is_distributed
 from slimfit.layers import Layer, split_parameters, unwrap_model
 from slimfit.optim_state import OPTIMIZER_STATE_POLICIES, OptimizerStateManager
 from slimfit.scheduler import InterLayerScheduler
@@ -67,7 +68,12 @@ class SlimFit:
         train_biases: whether biases and other 1-D parameters that are not normalisation weights train
             (always) or stay frozen (always).
         seed: seed of the warm-up order; ``None`` uses ``torch.initial_seed()``, so runs are reproducible
-            under ``torch.manual_seed``. Under ``torch.distributed`` rank 0's seed is used by every rank.
+            under ``torch.manual_seed``.
+
+    Under ``torch.distributed`` (world size > 1) every rank must construct SlimFit and call :meth:`step`
+    together: rank 0's seed and scores decide, so all ranks train the same layers even when their RNGs
+    differ. Wrap the model in DDP before constructing SlimFit, with ``find_unused_parameters=True``
+    (see :mod:`slimfit.distributed`).
 
     Layers are parameters with more than one dimension plus normalisation weights (:mod:`slimfit.layers`).
     After construction and after every :meth:`step`, exactly ``K`` of them have ``requires_grad=True``.
@@ -119,7 +125,9 @@ class SlimFit:
         self.layers: tuple[Layer, ...] = split.layers
         self.num_trainable = max(1, round((1.0 - self.freeze_ratio) * len(self.layers)))
 
-        generator = torch.Generator().manual_seed(_shared_seed(torch.initial_seed() if seed is None else seed))
+        # Every rank of a distributed job must warm up in the same order: rank 0's seed rules.
+        (seed,) = broadcast_indices([torch.initial_seed() if seed is None else seed])
+        generator = torch.Generator().manual_seed(seed)
         self.scheduler = InterLayerScheduler(len(self.layers), self.num_trainable, generator)
         self._state = OptimizerStateManager(optimizer, optimizer_state)
 
@@ -167,6 +175,10 @@ class SlimFit:
             indices, before = snapshot
             after = [self.layers[i].param.detach() for i in indices]
             scores = ops.update_norms(before, after, self.metric)
+            if is_distributed():
+                # Ranks hold identical weights, but a one-ulp difference in a score could still flip a tie
+                # and split the trainable sets; rank 0's scores decide for everyone.
+                torch.distributed.broadcast(scores, src=0)
             self.stats.scored_steps += 1
         rejected = self.scheduler.step(indices, scores)
         if rejected:
@@ -342,15 +354,6 @@ def _check_optimizer_holds(optimizer: torch.optim.Optimizer, named: list[tuple[s
             f"optimizer does not hold {len(missing)} of the model's {len(named)} trainable parameters ({shown}); "
             "build it from model.parameters() (after any wrapping that replaces parameters)"
         )
-
-
-def _shared_seed(seed: int) -> int:
-    """``seed`` of rank 0 when torch.distributed is running, so every rank warms up in the same order."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        box = [seed]
-        torch.distributed.broadcast_object_list(box, src=0)
-        seed = box[0]
-    return seed
 
 
 def _patch_model(model: nn.Module, compression: Any) -> Any:

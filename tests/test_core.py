@@ -365,3 +365,41 @@ def test_ddp_wrapped_model(tmp_path):
     ref_losses, ref_sets = train(model, opt, sf, batches(6))
     assert sets == ref_sets
     assert losses == pytest.approx(ref_losses, rel=1e-5)
+
+
+def _two_rank_worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        model = tiny_bert()
+        ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        opt = torch.optim.AdamW(ddp.parameters(), lr=3e-3)
+        torch.manual_seed(100 + rank)  # ranks' RNGs differ: the warm-up order must still agree
+        sf = SlimFit(ddp, opt, freeze_ratio=0.5, compression=None)
+        if rank == 1:  # rank 1 computes nonsense scores: rank 0's must decide
+            slimfit.core.ops.update_norms = lambda before, after, metric: torch.rand(len(before))
+        _, sets = train(ddp, opt, sf, [{k: v[rank::2] for k, v in b.items()} for b in batches(6)])
+        torch.save({"sets": sets, "weights": {n: p.detach() for n, p in model.named_parameters()}}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_agree_on_every_trainable_set(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "rank")
+    mp.start_processes(_two_rank_worker, args=(port, out), nprocs=2, start_method="spawn")
+    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    assert ranks[0]["sets"] == ranks[1]["sets"]
+    assert len({tuple(s) for s in ranks[0]["sets"]}) > 1
+    for name, p in ranks[0]["weights"].items():
+        assert torch.equal(p, ranks[1]["weights"][name]), name
