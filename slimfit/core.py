@@ -21,7 +21,10 @@ from torch import nn
 from slimfit import ops
 from slimfit.distributed import broadcast_indices, is_distributed
 from slimfit.layers import Layer, split_parameters, unwrap_model
+from slimfit.memory import measure_saved_bytes
+from slimfit.models import PatchHandle, patch
 from slimfit.optim_state import OPTIMIZER_STATE_POLICIES, OptimizerStateManager
+from slimfit.policy import DEFAULT_POLICY, CompressionPolicy
 from slimfit.scheduler import InterLayerScheduler
 
 METRICS = ("rel_l2", "rel_l1_mean")
@@ -63,8 +66,9 @@ class SlimFit:
         optimizer_state: ``"offload"`` (default), ``"keep"`` or ``"drop"``; see :mod:`slimfit.optim_state`.
             ``"offload"`` keeps the original algorithm's numerics (Adam moments survive a freeze) while only
             the trainable layers' state occupies accelerator memory.
-        compression: activation compression policy (:class:`slimfit.policy.CompressionPolicy`),
-            ``"default"`` for the library default, or ``None`` to leave the model's modules untouched.
+        compression: what patched modules save for backward (:class:`slimfit.policy.CompressionPolicy`;
+            ``"default"`` is an alias of :data:`slimfit.policy.DEFAULT_POLICY`), or ``None`` to leave the
+            model's modules untouched (results then equal plain freezing exactly).
         train_biases: whether biases and other 1-D parameters that are not normalisation weights train
             (always) or stay frozen (always).
         seed: seed of the warm-up order; ``None`` uses ``torch.initial_seed()``, so runs are reproducible
@@ -86,7 +90,7 @@ class SlimFit:
         freeze_ratio: float = 0.9,
         metric: str = "rel_l2",
         optimizer_state: str = "offload",
-        compression: Any = "default",
+        compression: CompressionPolicy | str | None = DEFAULT_POLICY,
         train_biases: bool = True,
         seed: int | None = None,
     ) -> None:
@@ -104,6 +108,10 @@ class SlimFit:
             raise ValueError(f"train_biases must be a bool, got {train_biases!r}")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
+        if isinstance(compression, str) and compression == "default":
+            compression = DEFAULT_POLICY
+        if compression is not None and not isinstance(compression, CompressionPolicy):
+            raise ValueError(f"compression must be a CompressionPolicy, 'default' or None, got {compression!r}")
 
         self.model = unwrap_model(model)
         self.optimizer = optimizer
@@ -131,6 +139,8 @@ class SlimFit:
         self.scheduler = InterLayerScheduler(len(self.layers), self.num_trainable, generator)
         self._state = OptimizerStateManager(optimizer, optimizer_state)
 
+        # Everything above only checks; from here on the model changes (patching first: it may refuse).
+        self._patch: PatchHandle = patch(self.model, compression)
         self._original_requires_grad = {name: p.requires_grad for name, p in self.model.named_parameters()}
         for _, p in split.auxiliary:
             p.requires_grad_(train_biases)
@@ -144,7 +154,6 @@ class SlimFit:
             optimizer.register_state_dict_pre_hook(lambda _opt: self._state.synchronize()),
             optimizer.register_load_state_dict_post_hook(lambda _opt: self._state.reload(self._frozen_params())),
         ]
-        self._patch = _patch_model(self.model, compression)
         self._removed = False
 
     # ------------------------------------------------------------------ schedule
@@ -274,12 +283,17 @@ class SlimFit:
 
     # ------------------------------------------------------------------ accounting and teardown
 
-    def memory_report(self) -> dict[str, int]:
+    def memory_report(self, inputs: Any = None) -> dict[str, int]:
         """Bytes currently held, by category.
 
         Keys: ``weights`` (all parameters), ``trainable_weights`` (those with ``requires_grad``), ``gradients``,
         ``optimizer_state`` (on the parameters' device), ``optimizer_state_offloaded`` (in host memory for
         accelerator parameters), and ``cuda_max_memory_allocated`` when the model is on CUDA.
+
+        With ``inputs`` (a dict of keyword arguments, a tuple of positional ones, or a single tensor for the
+        model), also ``saved_activations``: the bytes the autograd graph holds for backward after one forward
+        pass on them with the current trainable set, measured by :class:`slimfit.memory.SavedTensorMeter`.
+        That forward runs in train mode on a forked RNG, so it leaves the training run's random stream alone.
         """
         self._state.synchronize()
         params = list(self.model.parameters())
@@ -291,10 +305,27 @@ class SlimFit:
             "optimizer_state": on_device,
             "optimizer_state_offloaded": offloaded,
         }
+        if inputs is not None:
+            report["saved_activations"] = self._measure_saved_bytes(inputs)
         devices = {p.device for p in params if p.device.type == "cuda"}
         if devices:
             report["cuda_max_memory_allocated"] = sum(torch.cuda.max_memory_allocated(d) for d in devices)
         return report
+
+    def _measure_saved_bytes(self, inputs: Any) -> int:
+        def forward() -> Any:
+            if isinstance(inputs, dict):
+                return self.model(**inputs)
+            return self.model(*inputs) if isinstance(inputs, tuple) else self.model(inputs)
+
+        cuda = sorted({p.device.index or 0 for p in self.model.parameters() if p.device.type == "cuda"})
+        was_training = self.model.training
+        try:
+            with torch.random.fork_rng(devices=cuda):
+                self.model.train()
+                return measure_saved_bytes(forward, exclude=self.model)
+        finally:
+            self.model.train(was_training)
 
     def remove(self) -> None:
         """Undo SlimFit: original modules, original ``requires_grad`` flags, optimizer state back on device.
@@ -304,8 +335,7 @@ class SlimFit:
         """
         if self._removed:
             return
-        if self._patch is not None:
-            self._patch.remove()
+        self._patch.remove()
         for hook in self._hooks:
             hook.remove()
         self._state.restore_all()
@@ -354,24 +384,3 @@ def _check_optimizer_holds(optimizer: torch.optim.Optimizer, named: list[tuple[s
             f"optimizer does not hold {len(missing)} of the model's {len(named)} trainable parameters ({shown}); "
             "build it from model.parameters() (after any wrapping that replaces parameters)"
         )
-
-
-def _patch_model(model: nn.Module, compression: Any) -> Any:
-    """Install compressed-activation modules; returns a handle with ``.remove()``, or None."""
-    if compression is None:
-        return None
-    try:
-        from slimfit.models import patch
-        from slimfit.policy import CompressionPolicy
-    except ImportError:
-        warnings.warn(
-            "slimfit: activation compression is not available in this build; training uncompressed", stacklevel=3
-        )
-        return None
-    if isinstance(compression, str):
-        if compression != "default":
-            raise ValueError(f"compression must be a CompressionPolicy, 'default' or None, got {compression!r}")
-        compression = CompressionPolicy()
-    elif not isinstance(compression, CompressionPolicy):
-        raise ValueError(f"compression must be a CompressionPolicy, 'default' or None, got {compression!r}")
-    return patch(model, compression)

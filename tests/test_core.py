@@ -9,6 +9,7 @@ from torch import nn
 
 import slimfit
 from slimfit.core import SlimFit
+from slimfit.policy import DEFAULT_POLICY, CompressionPolicy, Quantize
 
 VOCAB, SEQ = 40, 8
 
@@ -78,24 +79,29 @@ def test_bert_base_has_102_layers_and_k_trainable():
     assert biases and all(p.requires_grad for p in biases)
 
 
-def test_tiny_bert_learns_at_freeze_ratio_half():
+@pytest.mark.parametrize("compression", [None, DEFAULT_POLICY], ids=["freeze-only", "compressed"])
+def test_tiny_bert_learns_at_freeze_ratio_half(compression):
     model = tiny_bert()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    sf = SlimFit(model, opt, freeze_ratio=0.5, compression=None)
+    sf = SlimFit(model, opt, freeze_ratio=0.5, compression=compression)
     losses, sets = train(model, opt, sf, batches(80))
     assert all(len(s) == sf.num_trainable == 11 for s in sets)
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
     assert accuracy(model, batches(4, seed=2)) >= 0.9
 
 
-@pytest.mark.parametrize("optimizer_state", ["keep", "drop", "offload"])
-def test_state_dict_round_trip_reproduces_uninterrupted_run(optimizer_state):
+@pytest.mark.parametrize(
+    ("optimizer_state", "compression"),
+    [("keep", None), ("drop", None), ("offload", None), ("offload", DEFAULT_POLICY)],
+)
+def test_state_dict_round_trip_reproduces_uninterrupted_run(optimizer_state, compression):
     data = batches(24)
 
     def fresh():
         model = tiny_bert()
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        return model, opt, SlimFit(model, opt, freeze_ratio=0.5, optimizer_state=optimizer_state, compression=None)
+        sf = SlimFit(model, opt, freeze_ratio=0.5, optimizer_state=optimizer_state, compression=compression)
+        return model, opt, sf
 
     torch.manual_seed(7)
     model, opt, sf = fresh()
@@ -340,6 +346,52 @@ def test_memory_report_categories():
     assert report["optimizer_state"] == sum(2 * p.numel() * 4 + 4 for p in opt.state)
     assert report["optimizer_state_offloaded"] == 0
     assert "cuda_max_memory_allocated" not in report
+
+
+def test_default_compression_patches_and_remove_restores_modules():
+    model = tiny_bert()
+    classes = {name: type(m) for name, m in model.named_modules()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sf = SlimFit(model, opt, freeze_ratio=0.5)
+    patched = [name for name, m in model.named_modules() if type(m) is not classes[name]]
+    assert any(name.endswith("intermediate.intermediate_act_fn") for name in patched)
+    assert any(name.endswith("output.LayerNorm") for name in patched)
+    train(model, opt, sf, batches(2))
+    sf.remove()
+    assert {name: type(m) for name, m in model.named_modules()} == classes
+
+
+def test_compression_none_leaves_modules_alone():
+    model = tiny_bert()
+    classes = {name: type(m) for name, m in model.named_modules()}
+    SlimFit(model, torch.optim.SGD(model.parameters(), lr=0.1), compression=None)
+    assert {name: type(m) for name, m in model.named_modules()} == classes
+
+
+@pytest.mark.parametrize("value", ["int8", 8, Quantize(8)])
+def test_bad_compression(value):
+    model = tiny_bert()
+    classes = {name: type(m) for name, m in model.named_modules()}
+    with pytest.raises(ValueError, match="compression must be a CompressionPolicy, 'default' or None, got"):
+        SlimFit(model, torch.optim.SGD(model.parameters(), lr=0.1), compression=value)
+    assert {name: type(m) for name, m in model.named_modules()} == classes
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_memory_report_measures_saved_activations_without_touching_the_rng():
+    batch = {"input_ids": batches(1)[0]["input_ids"]}
+    measured = {}
+    for name, compression in [("exact", None), ("compressed", CompressionPolicy())]:
+        model = tiny_bert()
+        sf = SlimFit(
+            model, torch.optim.AdamW(model.parameters(), lr=1e-3), freeze_ratio=0.5, compression=compression, seed=0
+        )
+        rng = torch.get_rng_state()
+        model.eval()
+        measured[name] = sf.memory_report(batch)["saved_activations"]
+        assert not model.training  # restored after the train-mode forward
+        assert torch.equal(torch.get_rng_state(), rng)
+    assert 0 < measured["compressed"] < measured["exact"]
 
 
 def test_ddp_wrapped_model(tmp_path):
