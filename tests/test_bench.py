@@ -1,0 +1,62 @@
+"""`slimfit bench` on the tiny BERT: every method runs, ratios are relative to full fine-tuning of the same seed."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("matplotlib")
+
+from tiny_bert import save_tiny_bert, texts, write_csv  # noqa: E402
+
+from slimfit import bench, cli  # noqa: E402
+from slimfit.data import DataError  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def test_bench_writes_csv_json_and_plot(tmp_path, capsys):
+    model = save_tiny_bert(tmp_path / "model")
+    data = write_csv(tmp_path / "d.csv", texts(24))
+    output = tmp_path / "bench"
+    argv = ["bench", "--model", str(model), "--data", str(data), "--text-column", "body", "--label-column", "topic"]
+    argv += ["--batch-size", "4", "--max-steps", "2", "--max-length", "16", "--quiet", "--output", str(output)]
+    argv += ["--freeze-ratios", "0.5", "0.75", "--seeds", "0", "1"]
+    assert cli.main(argv) == 0
+    assert "x less" in capsys.readouterr().out
+
+    with (output / "runs.csv").open() as handle:
+        runs = list(csv.DictReader(handle))
+    labels = ["full", "freeze-only@0.5", "freeze-only@0.75", "slimfit@0.5", "slimfit@0.75", "grad-ckpt", "lora"]
+    assert [row["label"] for row in runs] == labels * 2
+    assert [int(row["seed"]) for row in runs] == [0] * 7 + [1] * 7
+    for row in runs:
+        assert int(row["steps"]) == 2
+        if row["method"] == "full":
+            assert float(row["time_ratio"]) == 1.0 and float(row["memory_ratio_activations"]) == 1.0
+    by_label = {row["label"]: row for row in runs if row["seed"] == "0"}
+    # Checkpointing and LoRA keep fewer activations / gradients than full fine-tuning on any model.
+    assert float(by_label["grad-ckpt"]["memory_ratio_activations"]) < 1.0
+    assert float(by_label["lora"]["memory_ratio_gradients"]) < 1.0
+
+    with (output / "summary.csv").open() as handle:
+        summary = list(csv.DictReader(handle))
+    assert [row["label"] for row in summary] == labels
+    assert all(row["seeds"] == "2" for row in summary)
+
+    report = json.loads((output / "bench.json").read_text())
+    assert {"date_utc", "machine", "torch", "transformers", "peft", "slimfit"} <= report["environment"].keys()
+    assert report["config"]["max_steps"] == 2 and len(report["runs"]) == 14
+    assert (output / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_methods_are_checked_and_full_runs_first():
+    assert bench.parse_methods("lora, slimfit") == ["full", "lora", "slimfit"]
+    assert bench.parse_methods("full,slimfit,slimfit") == ["full", "slimfit"]
+    with pytest.raises(DataError, match="unknown adam"):
+        bench.parse_methods("adam,slimfit")

@@ -1,0 +1,183 @@
+"""`slimfit finetune`: a run on a CSV with custom columns, its files, and one clear error per kind of bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+
+from tiny_bert import save_tiny_bert, texts, write_csv  # noqa: E402
+
+from slimfit import cli  # noqa: E402
+from slimfit.data import DataError, load_dataset, stratified_split  # noqa: E402
+from slimfit.train import classification_metrics  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("finetune")
+    return {"model": save_tiny_bert(root / "model"), "csv": write_csv(root / "news.csv", texts(40)), "root": root}
+
+
+def finetune(assets: dict[str, Path], *extra: str, data: Path | None = None) -> list[str]:
+    """Arguments of a 3-step run on the tiny model and the CSV with columns body/topic."""
+    return [
+        "finetune",
+        "--model",
+        str(assets["model"]),
+        "--data",
+        str(data or assets["csv"]),
+        "--text-column",
+        "body",
+        "--label-column",
+        "topic",
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "3",
+        "--max-length",
+        "16",
+        "--quiet",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("method", ["slimfit", "full"])
+def test_finetune_writes_metrics_log_and_plots(assets, tmp_path, capsys, method):
+    output = tmp_path / "run"
+    assert cli.main(finetune(assets, "--method", method, "--freeze-ratio", "0.5", "--output", str(output))) == 0
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed and "macro-F1" in printed and "memory: activations" in printed
+
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["f1"] <= 1.0
+    assert metrics["steps"] == 3 and metrics["seconds"] > 0
+    assert {"weights", "gradients", "optimizer_state", "activations", "total"} <= metrics["memory"].keys()
+    assert all(isinstance(v, int) and v >= 0 for v in metrics["memory"].values())
+    assert metrics["memory"]["activations"] > 0
+    assert metrics["config"]["text_column"] == "body" and metrics["config"]["method"] == method
+    assert metrics["labels"] == ["sport", "tech"]
+
+    with (output / "steps.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(row["step"]) for row in rows] == [1, 2, 3]
+    expected_layers = {"full": None, "slimfit": 11}  # the tiny BERT has 22 layers; half train at 0.5
+    if expected_layers[method] is not None:
+        assert {int(row["trainable_layers"]) for row in rows} == {expected_layers[method]}
+    for plot in ("loss.png", "memory.png", "layers.png"):
+        assert (output / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no staging folder left behind
+
+
+def expect_error(capsys, argv: list[str], *fragments: str) -> str:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def test_missing_data_file(assets, tmp_path, capsys):
+    expect_error(capsys, finetune(assets, "--output", str(tmp_path / "o"), data=tmp_path / "nope.csv"), "nope.csv")
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_column_is_named(assets, tmp_path, capsys):
+    argv = finetune(assets, "--output", str(tmp_path / "o"))
+    argv[argv.index("topic")] = "category"
+    expect_error(capsys, argv, "'category'", "--label-column", "body, topic")
+
+
+def test_single_class(assets, tmp_path, capsys):
+    data = write_csv(tmp_path / "one.csv", [(text, "sport") for text, _ in texts(10)])
+    expect_error(capsys, finetune(assets, "--output", str(tmp_path / "o"), data=data), "'sport'", "at least 2 classes")
+
+
+def test_empty_texts(assets, tmp_path, capsys):
+    rows = texts(10)
+    rows[3] = ("   ", "tech")
+    data = write_csv(tmp_path / "empty.csv", rows)
+    expect_error(capsys, finetune(assets, "--output", str(tmp_path / "o"), data=data), "1 of 10 texts are empty")
+
+
+def test_unknown_model_path(assets, tmp_path, capsys):
+    argv = finetune(assets, "--output", str(tmp_path / "o"))
+    argv[argv.index(str(assets["model"]))] = str(tmp_path / "no-model")
+    expect_error(capsys, argv, "--model", "no-model")
+
+
+def test_existing_output_is_left_untouched(assets, tmp_path, capsys):
+    output = tmp_path / "taken"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    expect_error(capsys, finetune(assets, "--output", str(output)), "already exists")
+    assert [p.name for p in output.iterdir()] == ["keep.txt"]
+
+
+def test_exit_status_from_the_console(assets, tmp_path):
+    """The real process: status 2 and one line on stderr, no traceback."""
+    process = subprocess.run(
+        [sys.executable, "-m", "slimfit", *finetune(assets, "--output", str(tmp_path / "o"), data=tmp_path / "x.csv")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert process.returncode == 2
+    assert process.stderr.strip().splitlines() == [
+        f"slimfit: error: --data: no such file or directory: {tmp_path / 'x.csv'}"
+    ]
+
+
+def test_folder_and_jsonl_inputs(tmp_path):
+    for label, words in (("b", "beta"), ("a", "alpha")):
+        (tmp_path / "folder" / label).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "folder" / label / f"{i}.txt").write_text(f"{words} {i}")
+    data = load_dataset(tmp_path / "folder")
+    assert data.label_names == ["a", "b"] and data.labels == [0, 0, 0, 1, 1, 1] and data.texts[0] == "alpha 0"
+
+    lines = [json.dumps({"t": f"text {i}", "y": y}) for i, y in enumerate([10, 2, 2, 10, 2])]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    data = load_dataset(tmp_path / "d.jsonl", text_column="t", label_column="y")
+    assert data.label_names == ["2", "10"]  # integer labels keep numeric order
+    assert data.labels == [1, 0, 0, 1, 0]
+    with pytest.raises(DataError, match="unsupported format"):
+        (tmp_path / "d.txt").write_text("x")
+        load_dataset(tmp_path / "d.txt")
+
+
+def test_stratified_split_is_seeded_and_keeps_proportions():
+    data = load_dataset_from_rows([(f"t{i}", "a" if i < 80 else "b") for i in range(100)])
+    train, evaluation = stratified_split(data, 0.1, seed=3)
+    assert len(evaluation) == 10 and sorted(evaluation.labels) == [0] * 8 + [1] * 2
+    assert set(train.texts).isdisjoint(evaluation.texts) and len(train) + len(evaluation) == 100
+    assert stratified_split(data, 0.1, seed=3)[1].texts == evaluation.texts
+    assert stratified_split(data, 0.1, seed=4)[1].texts != evaluation.texts
+
+
+def load_dataset_from_rows(rows):
+    from slimfit.data import TextDataset
+
+    names = sorted({label for _, label in rows})
+    return TextDataset([t for t, _ in rows], [names.index(label) for _, label in rows], names)
+
+
+def test_classification_metrics_by_hand():
+    labels = np.array([0, 0, 1, 1, 2])
+    predictions = np.array([0, 1, 1, 1, 0])
+    scores = classification_metrics(predictions, labels, num_classes=3)
+    assert scores["accuracy"] == pytest.approx(3 / 5)
+    # F1: class 0 = 2*1/(2+2) = 0.5, class 1 = 2*2/(3+2) = 0.8, class 2 = 0.
+    assert scores["f1"] == pytest.approx((0.5 + 0.8 + 0.0) / 3)
