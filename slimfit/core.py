@@ -277,9 +277,9 @@ class SlimFit:
         if state["metric"] != self.metric:
             raise ValueError(f"state was saved with metric={state['metric']!r}, this SlimFit has {self.metric!r}")
         self.scheduler.load_state_dict(state["scheduler"])
-        self.stats = SlimFitStats(**state["stats"])
         self._snapshot, self._stepped = None, False
         self._apply_trainable(self.scheduler.trainable)
+        self.stats = SlimFitStats(**state["stats"])  # after the switch above, which counts thaws
 
     # ------------------------------------------------------------------ accounting and teardown
 

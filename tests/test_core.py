@@ -107,6 +107,7 @@ def test_state_dict_round_trip_reproduces_uninterrupted_run(optimizer_state, com
     model, opt, sf = fresh()
     ref_losses, ref_sets = train(model, opt, sf, data)
     ref_flags = requires_grad_flags(model)
+    ref_stats = sf.stats
 
     torch.manual_seed(7)
     model, opt, sf = fresh()
@@ -126,6 +127,7 @@ def test_state_dict_round_trip_reproduces_uninterrupted_run(optimizer_state, com
     assert losses + more_losses == ref_losses
     assert sets + more_sets == ref_sets
     assert requires_grad_flags(model) == ref_flags
+    assert sf.stats == ref_stats
 
 
 def test_load_order_slimfit_then_optimizer_also_reproduces():
