@@ -6,7 +6,7 @@ Modules: :class:`Linear`, :class:`LayerNorm`, :class:`Dropout`, :class:`GELU`, :
 :class:`Tanh`, :class:`Sigmoid` (same constructors as torch's; settings from ``module.slimfit_policy``).
 """
 
-from slimfit.nn.activation import ACTIVATIONS, ActivationFunction, activation, derivative_levels
+from slimfit.nn.activation import ACTIVATIONS, ActivationFunction, activation, code_segments, derivative_levels
 from slimfit.nn.attention import AttentionFunction, scaled_dot_product_attention
 from slimfit.nn.dropout import DropoutFunction, dropout
 from slimfit.nn.layernorm import LayerNormFunction, layer_norm
@@ -41,6 +41,7 @@ __all__ = [
     "Sigmoid",
     "Tanh",
     "activation",
+    "code_segments",
     "derivative_levels",
     "dropout",
     "layer_norm",

@@ -80,7 +80,7 @@ def derivative_levels(name: str, bits: int) -> tuple[tuple[float, ...], tuple[fl
     between them (a derivative below ``thresholds[i]`` gets a code <= i).
     """
     act = ACTIVATIONS[name]
-    x = torch.linspace(-8.0, 8.0, 64001, dtype=torch.float64)
+    x = torch.linspace(-8.0, 8.0, 16001, dtype=torch.float64)
     weight = torch.exp(-0.5 * x * x)
     d = act.grad(x)
     n = 1 << bits
@@ -88,11 +88,42 @@ def derivative_levels(name: str, bits: int) -> tuple[tuple[float, ...], tuple[fl
     for _ in range(200):
         thresholds = (levels[1:] + levels[:-1]) / 2
         code = torch.bucketize(d, thresholds)
-        mass = torch.zeros(n, dtype=torch.float64).index_add_(0, code, weight)
-        total = torch.zeros(n, dtype=torch.float64).index_add_(0, code, weight * d)
-        levels = torch.where(mass > 0, total / mass.clamp_min(1e-300), levels)
+        mass = torch.bincount(code, weight, minlength=n)
+        total = torch.bincount(code, weight * d, minlength=n)
+        new = torch.where(mass > 0, total / mass.clamp_min(1e-300), levels)
+        if torch.allclose(new, levels, rtol=0, atol=1e-12):
+            break
+        levels = new
     thresholds = (levels[1:] + levels[:-1]) / 2
     return tuple(levels.tolist()), tuple(thresholds.tolist())
+
+
+@cache
+def code_segments(name: str, bits: int) -> tuple[tuple[float, ...], tuple[int, ...]]:
+    """The derivative code as a step function of ``x``: ``(breaks, codes)``.
+
+    ``x <= breaks[0]`` gets ``codes[0]``, ``breaks[i-1] < x <= breaks[i]`` gets ``codes[i]``, and
+    ``x > breaks[-1]`` gets ``codes[-1]``. Looking ``x`` up here is equivalent to thresholding ``f'(x)`` but
+    needs neither ``f'`` nor a float temporary in forward. Breaks are found on a grid over [-8, 8] (the
+    derivatives in :data:`ACTIVATIONS` are monotone beyond it) and refined by bisection.
+    """
+    act = ACTIVATIONS[name]
+    _, thresholds = derivative_levels(name, bits)
+    t = torch.tensor(thresholds, dtype=torch.float64)
+
+    def code_of(x: torch.Tensor) -> torch.Tensor:
+        return (act.grad(x).unsqueeze(-1) > t).sum(-1)
+
+    grid = torch.arange(-8000, 8001, dtype=torch.float64) / 1000  # contains 0.0 exactly (ReLU's break)
+    codes = code_of(grid)
+    change = (codes[1:] != codes[:-1]).nonzero().flatten()
+    lo, hi = grid[change].clone(), grid[change + 1].clone()
+    left = codes[change]
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        same = code_of(mid) == left
+        lo, hi = torch.where(same, mid, lo), torch.where(same, hi, mid)
+    return tuple(lo.tolist()), (int(codes[0]), *codes[change + 1].tolist())
 
 
 class ActivationFunction(torch.autograd.Function):
@@ -106,10 +137,10 @@ class ActivationFunction(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             save(ctx)
         elif isinstance(setting, DerivativeCode):
-            _, thresholds = derivative_levels(name, setting.bits)
-            d = act.grad(x.detach())
-            code = torch.bucketize(d, torch.tensor(thresholds, dtype=d.dtype, device=d.device))
-            save(ctx, *(ops.pack_bits(((code >> b) & 1).bool()) for b in range(setting.bits)))
+            breaks, codes = code_segments(name, setting.bits)
+            segment = torch.bucketize(x.detach(), torch.tensor(breaks, dtype=x.dtype, device=x.device), out_int32=True)
+            code = torch.tensor(codes, dtype=torch.uint8, device=x.device)[segment]
+            save(ctx, *(ops.pack_bits((code & (1 << b)).bool()) for b in range(setting.bits)))
         else:
             save(ctx, encode(x, setting))
         return act.fn(x)
@@ -120,10 +151,10 @@ class ActivationFunction(torch.autograd.Function):
         saved = load(ctx)
         if isinstance(ctx.setting, DerivativeCode):
             levels, _ = derivative_levels(ctx.act_name, ctx.setting.bits)
-            code = torch.zeros(grad.shape, dtype=torch.int64, device=grad.device)
+            code = torch.zeros(grad.shape, dtype=torch.uint8, device=grad.device)
             for b, plane in enumerate(saved):
-                code |= ops.unpack_bits(plane).to(torch.int64) << b
-            d = torch.tensor(levels, dtype=grad.dtype, device=grad.device)[code]
+                code |= ops.unpack_bits(plane).to(torch.uint8) << b
+            d = torch.tensor(levels, dtype=grad.dtype, device=grad.device)[code.long()]
         else:
             d = ACTIVATIONS[ctx.act_name].grad(decode(saved[0]).to(grad.dtype))
         return grad * d, None, None
