@@ -20,7 +20,7 @@ from torch import nn
 
 from slimfit import ops
 from slimfit.distributed import broadcast_indices, is_distributed
-from slimfit.layers import Layer, split_parameters, unwrap_model
+from slimfit.layers import Layer, reject_sharded_parameters, split_parameters, unwrap_model
 from slimfit.memory import measure_saved_bytes
 from slimfit.models import PatchHandle, patch
 from slimfit.optim_state import OPTIMIZER_STATE_POLICIES, OptimizerStateManager
@@ -114,6 +114,7 @@ class SlimFit:
             raise ValueError(f"compression must be a CompressionPolicy, 'default' or None, got {compression!r}")
 
         self.model = unwrap_model(model)
+        reject_sharded_parameters(self.model)
         self.optimizer = optimizer
         self.freeze_ratio = float(freeze_ratio)
         self.metric = metric

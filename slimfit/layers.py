@@ -53,6 +53,25 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def reject_sharded_parameters(model: nn.Module) -> None:
+    """Raise for FSDP2 (``fully_shard``): its parameters are DTensor shards.
+
+    Scoring a layer needs the norm of the whole tensor and freezing must be decided for whole tensors on
+    every rank; neither is implemented for shards, and a silent per-shard schedule would train wrongly.
+    """
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support: nothing can be sharded
+        return
+    sharded = [name for name, p in model.named_parameters() if isinstance(p, DTensor)]
+    if sharded:
+        raise ValueError(
+            f"model has {len(sharded)} DTensor parameter(s) (first: {sharded[0]!r}): FSDP2 (fully_shard) and "
+            "tensor-parallel models are not supported by SlimFit yet. Use DistributedDataParallel (or accelerate "
+            "with DDP) instead, and apply SlimFit to the unsharded model."
+        )
+
+
 def is_norm_module(module: nn.Module) -> bool:
     """True for normalisation modules, including model-specific classes named ``*Norm`` (e.g. T5LayerNorm)."""
     return isinstance(module, _NORM_TYPES) or type(module).__name__.endswith("Norm")

@@ -2,6 +2,9 @@
 
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,3 +82,63 @@ def test_trainable_only_hook_matches_single_process(tmp_path):
 def test_hook_rejects_a_plain_module():
     with pytest.raises(ValueError, match="DistributedDataParallel"):
         register_trainable_only_hook(torch.nn.Linear(2, 2))
+
+
+def test_slimfit_under_accelerate_launch_agrees_across_ranks(tmp_path):
+    out = str(tmp_path / "rank")
+    script = Path(__file__).parent / "scripts" / "accelerate_train.py"
+    # `--multi_gpu` selects accelerate's torchrun launcher; the script's Accelerator(cpu=True) then runs gloo.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--multi_gpu",
+        "--main_process_port",
+        str(free_port()),
+        str(script),
+        out,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rank0, rank1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    assert rank0["schedule"] == rank1["schedule"]
+    assert len({tuple(s) for s in rank0["schedule"]}) > 1  # the schedule really changed
+    for name, w in rank0["weights"].items():
+        torch.testing.assert_close(w, rank1["weights"][name], rtol=0, atol=0)
+
+
+def fsdp_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=1)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        import slimfit
+
+        model = make_model()
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        try:
+            slimfit.SlimFit(model, torch.optim.AdamW(model.parameters()), compression=None)
+            message = "no error"
+        except ValueError as exc:
+            message = str(exc)
+        Path(out).write_text(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_is_refused_with_a_clear_error(tmp_path):
+    out = tmp_path / "message"
+    mp.start_processes(fsdp_worker, args=(free_port(), str(out)), nprocs=1, start_method="spawn")
+    message = out.read_text()
+    assert "FSDP2" in message and "fully_shard" in message, message
