@@ -79,6 +79,35 @@ def test_bert_base_has_102_layers_and_k_trainable():
     assert biases and all(p.requires_grad for p in biases)
 
 
+def test_k_bounds_all_trainable_and_at_least_one():
+    model = tiny_bert()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sf = SlimFit(model, opt, freeze_ratio=0.0, compression=None)
+    assert sf.num_trainable == len(sf.layers)
+    train(model, opt, sf, batches(2))
+    assert all(layer.param.requires_grad for layer in sf.layers)
+    assert sf.stats.scored_steps == 0  # nothing to choose, so no snapshot is taken
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    sf = SlimFit(model, torch.optim.SGD(model.parameters(), lr=0.1), freeze_ratio=0.99, compression=None)
+    assert sf.num_trainable == 1
+
+
+def test_tied_weights_are_one_layer():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    model = transformers.BertForMaskedLM(config)
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sf = SlimFit(model, opt, freeze_ratio=0.5, compression=None)
+    assert len({id(layer.param) for layer in sf.layers}) == len(sf.layers)
+    ids = batches(1)[0]["input_ids"]
+    _, sets = train(model, opt, sf, [{"input_ids": ids, "labels": ids}] * 3)
+    assert all(len(s) == sf.num_trainable for s in sets)
+
+
 @pytest.mark.parametrize("compression", [None, DEFAULT_POLICY], ids=["freeze-only", "compressed"])
 def test_tiny_bert_learns_at_freeze_ratio_half(compression):
     model = tiny_bert()
