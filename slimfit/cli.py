@@ -142,7 +142,10 @@ BENCH_EPILOG = """\
 Every method trains on the same split, seed and steps; ratios are to full fine-tuning of the same seed in the
 same run. Memory on CPU is the peak of live bytes held for backward (saved-tensor accounting) plus weights,
 gradients and optimizer state; on CUDA, torch.cuda.max_memory_allocated as well.
-Example (what benchmarks/results/ holds): slimfit bench --max-length 64 --max-steps 60 --seeds 0 1 2
+What benchmarks/results/bench-cpu-* holds (OMP_NUM_THREADS=1: one thread is faster on busy shared cores):
+  slimfit bench --max-length 64 --batch-size 16 --max-steps 60 --lr 1e-4 --seeds 0 1 2
+  slimfit bench --max-length 64 --batch-size 16 --max-steps 60 --lr 1e-4 --methods slimfit \\
+      --freeze-ratios 0.75 0.8 0.9 0.95
 """
 
 
@@ -192,7 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         help="sweep for freeze-only and slimfit (default: --freeze-ratio alone), e.g. 0.75 0.8 0.9 0.95",
     )
-    bench.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to repeat every method with")
+    bench.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="training seeds (head init, shuffling, dropout) to repeat every method with; --seed fixes the split",
+    )
     bench.set_defaults(run=_bench)
     return parser
 
