@@ -191,3 +191,26 @@ def test_nan_weights_do_not_poison_slimfit_schedule():
     assert sf.stats.nonfinite_scores == 1
     assert torch.isfinite(sf.scheduler.scores).all()
     assert len(sf.trainable_layers()) == sf.num_trainable
+
+
+@settings(max_examples=25, deadline=None)
+@given(depth=st.integers(1, 6), norm=st.booleans(), freeze_ratio=st.floats(0.0, 0.99), seed=st.integers(0, 2**16))
+def test_slimfit_keeps_exactly_k_layers_trainable(depth, norm, freeze_ratio, seed):
+    torch.manual_seed(seed)
+    blocks = [nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4) if norm else nn.Identity()) for _ in range(depth)]
+    model = nn.Sequential(*blocks)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sf = SlimFit(model, opt, freeze_ratio=freeze_ratio, optimizer_state="drop", compression=None)
+    n = depth * (2 if norm else 1)
+    k = max(1, round((1 - freeze_ratio) * n))
+    assert (len(sf.layers), sf.num_trainable) == (n, k)
+    seen = set(sf.trainable_layers())
+    for _ in range(math.ceil(n / k)):
+        assert sum(layer.param.requires_grad for layer in sf.layers) == k
+        model(torch.randn(3, 4)).square().sum().backward()
+        opt.step()
+        sf.step()
+        opt.zero_grad()
+        seen |= set(sf.trainable_layers())
+    assert sum(layer.param.requires_grad for layer in sf.layers) == k
+    assert seen == set(sf.layer_names)  # the warm-up visited every layer
