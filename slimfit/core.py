@@ -183,8 +183,7 @@ class SlimFit:
         scores = torch.empty(0)
         if snapshot is not None:
             indices, before = snapshot
-            after = [self.layers[i].param.detach() for i in indices]
-            scores = ops.update_norms(before, after, self.metric)
+            scores = self._score(indices, before)
             if is_distributed():
                 # Ranks hold identical weights, but a one-ulp difference in a score could still flip a tie
                 # and split the trainable sets; rank 0's scores decide for everyone.
@@ -201,6 +200,20 @@ class SlimFit:
                 stacklevel=2,
             )
         self._apply_trainable(self.scheduler.trainable)
+
+    def _score(self, indices: list[int], before: list[torch.Tensor]) -> torch.Tensor:
+        """Update scores of ``indices``: one ``update_norms`` launch per device (one for a usual model)."""
+        after = [self.layers[i].param.detach() for i in indices]
+        by_device: dict[torch.device, list[int]] = {}
+        for position, tensor in enumerate(after):
+            by_device.setdefault(tensor.device, []).append(position)
+        if len(by_device) == 1:
+            return ops.update_norms(before, after, self.metric)
+        scores = torch.empty(len(after), dtype=torch.float32, device=after[0].device)
+        for positions in by_device.values():
+            part = ops.update_norms([before[j] for j in positions], [after[j] for j in positions], self.metric)
+            scores[positions] = part.to(scores.device)
+        return scores
 
     def _before_optimizer_step(self, _optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
         self._stepped = True

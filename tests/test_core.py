@@ -486,3 +486,19 @@ def test_two_ranks_agree_on_every_trainable_set(tmp_path):
     assert len({tuple(s) for s in ranks[0]["sets"]}) > 1
     for name, p in ranks[0]["weights"].items():
         assert torch.equal(p, ranks[1]["weights"][name]), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_model_split_across_devices_is_scored_per_device():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4).cuda(), nn.Linear(4, 2).cuda())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sf = SlimFit(model, opt, freeze_ratio=0.25, compression=None, seed=0)  # 3 of 4 train: sets span devices
+    x = torch.randn(8, 4)
+    for _ in range(4):
+        model[3](model[2](model[1](model[0](x)).cuda())).square().sum().backward()
+        opt.step()
+        sf.step()
+        opt.zero_grad()
+    assert sf.stats.scored_steps == 4 and sf.stats.nonfinite_scores == 0
+    assert bool(sf.scheduler.scored.all()) and bool((sf.scheduler.scores > 0).all())
