@@ -11,6 +11,7 @@ One iteration of the user's loop (the only two lines SlimFit adds are the constr
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -374,7 +375,7 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def _check_freeze_ratio(freeze_ratio: Any) -> None:
-    ok = isinstance(freeze_ratio, (int, float)) and not isinstance(freeze_ratio, bool)
+    ok = isinstance(freeze_ratio, numbers.Real) and not isinstance(freeze_ratio, bool)  # numpy floats too
     if not ok or not 0.0 <= freeze_ratio < 1.0:  # NaN fails the comparison too
         raise ValueError(f"freeze_ratio must be a number in [0, 1), got {freeze_ratio!r}")
 

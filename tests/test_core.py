@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -201,6 +202,12 @@ def test_load_state_dict_rejects_other_model_or_freeze_ratio():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="freeze_ratio=0.5"):
         SlimFit(model, opt, freeze_ratio=0.75, compression=None).load_state_dict(state)
+
+
+def test_numpy_freeze_ratio_accepted():
+    model = tiny_bert()
+    sf = SlimFit(model, torch.optim.SGD(model.parameters(), lr=0.1), freeze_ratio=np.float32(0.5), compression=None)
+    assert sf.num_trainable == 11 and isinstance(sf.freeze_ratio, float)
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.0, 1.5, float("nan"), "0.9", None, True])
