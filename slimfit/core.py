@@ -151,6 +151,7 @@ class SlimFit:
 
         self._snapshot: tuple[list[int], list[torch.Tensor]] | None = None
         self._stepped = False
+        self._warned_missing_step = False
         self._hooks = [
             optimizer.register_step_pre_hook(self._before_optimizer_step),
             optimizer.register_state_dict_pre_hook(lambda _opt: self._state.synchronize()),
@@ -217,6 +218,14 @@ class SlimFit:
         return scores
 
     def _before_optimizer_step(self, _optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+        if self._stepped and not self._warned_missing_step:
+            self._warned_missing_step = True
+            warnings.warn(
+                "slimfit: optimizer.step() ran twice without SlimFit.step() in between; the same layers keep "
+                "training until sf.step() is called (call it after every optimizer.step())",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         self._stepped = True
         # Keep the first snapshot if the optimizer steps twice between sf.step() calls: the score then
         # covers the whole change. With K == N there is nothing to choose, so nothing to copy.

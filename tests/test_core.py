@@ -1,6 +1,7 @@
 """The SlimFit facade on a tiny BERT: learning, exact resume, argument checks, remove() and DDP."""
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -349,6 +350,22 @@ def test_skipped_optimizer_step_keeps_the_trainable_set():
     opt.zero_grad()
     assert sf.trainable_layers() == before
     assert sf.stats.skipped_steps == 1 and sf.stats.scored_steps == 0
+
+
+def test_forgotten_sf_step_warns_once():
+    model = tiny_bert()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sf = SlimFit(model, opt, freeze_ratio=0.5, compression=None)
+    batch = batches(1)[0]
+    model(**batch).loss.backward()
+    opt.step()
+    with pytest.warns(RuntimeWarning, match="without SlimFit.step"):
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    sf.step()  # scores the change since the first of the three steps
+    assert sf.stats.scored_steps == 1
 
 
 def test_remove_restores_flags_and_detaches_hooks():
