@@ -77,8 +77,8 @@ class CompressionPolicy:
         regenerates the mask in backward. Attention-probability dropout always uses RNG replay.
     """
 
-    activation: DerivativeCode | Quantize | None = DerivativeCode(3)
-    layernorm_frozen: TopK | Quantize | None = TopK(0.1)
+    activation: DerivativeCode | Quantize | None = DerivativeCode(4)
+    layernorm_frozen: TopK | Quantize | None = Quantize(8)
     layernorm_trainable: Quantize | None = Quantize(8)
     linear_input: Quantize | None = Quantize(8)
     attention: Quantize | None = Quantize(8)

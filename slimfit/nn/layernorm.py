@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,17 @@ from torch.autograd.function import once_differentiable
 
 from slimfit.nn._saving import decode, encode, load, save
 from slimfit.policy import Quantize, TopK
+
+
+def _row_aligned(setting: Quantize | TopK | None, row: int) -> Quantize | TopK | None:
+    """``setting`` with quantization groups that never straddle two rows.
+
+    Rows have very different 1/std, so a group shared by two rows would let the error of one be amplified by
+    the other's 1/std in dx (an all-constant row, e.g. a zero-initialised token, has 1/std ~ 1/sqrt(eps)).
+    """
+    if isinstance(setting, Quantize) and row % setting.group_size != 0:
+        return replace(setting, group_size=row)
+    return setting
 
 
 class LayerNormFunction(torch.autograd.Function):
@@ -30,7 +42,7 @@ class LayerNormFunction(torch.autograd.Function):
             x_hat = ((x - mean) * rstd).reshape(*x.shape[: x.dim() - len(dims)], -1)
         save(
             ctx,
-            encode(x_hat, setting) if x_hat is not None else None,
+            encode(x_hat, _row_aligned(setting, x_hat.shape[-1])) if x_hat is not None else None,
             rstd if need_x else None,
             weight if need_x else None,
         )

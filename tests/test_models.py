@@ -1,0 +1,261 @@
+"""slimfit.models.patch on transformers families built from small configs, and on plain torch models."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import transformers
+from torch import nn
+from transformers.modeling_utils import AttentionInterface
+
+from slimfit.memory import SavedTensorMeter
+from slimfit.models import patch
+from slimfit.policy import CompressionPolicy
+
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+def _text(cls_name: str, config):
+    return getattr(transformers, cls_name)(config), "text"
+
+
+def _build(family: str):
+    torch.manual_seed(0)
+    if family == "bert":
+        return _text("BertForSequenceClassification", transformers.BertConfig(vocab_size=100, **SMALL))
+    if family == "roberta":
+        cfg = transformers.RobertaConfig(vocab_size=100, max_position_embeddings=40, **SMALL)
+        return _text("RobertaForSequenceClassification", cfg)
+    if family == "electra":
+        cfg = transformers.ElectraConfig(vocab_size=100, embedding_size=16, **SMALL)
+        return _text("ElectraForSequenceClassification", cfg)
+    if family == "distilbert":
+        cfg = transformers.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64)
+        return _text("DistilBertForSequenceClassification", cfg)
+    vision = dict(image_size=16, patch_size=4, **SMALL)
+    if family == "vit":
+        return transformers.ViTForImageClassification(transformers.ViTConfig(**vision)), "image"
+    if family == "deit":
+        model = transformers.DeiTForImageClassification(transformers.DeiTConfig(**vision))
+        # DeiT initialises its tokens and position embeddings to zero: the token rows are then constant, layer 0's
+        # LayerNorm gives them 1/std = 1/sqrt(eps) = 1e6 and their gradients swamp every other one. Trained
+        # checkpoints have non-zero values, as here.
+        emb = model.deit.embeddings
+        for p in (emb.cls_token, emb.distillation_token, emb.position_embeddings):
+            torch.nn.init.normal_(p, std=0.02)
+        return model, "image"
+    raise ValueError(family)
+
+
+def _batch(kind: str) -> dict:
+    g = torch.Generator().manual_seed(1)
+    labels = torch.tensor([0, 1, 1])
+    if kind == "image":
+        return dict(pixel_values=torch.randn(3, 3, 16, 16, generator=g), labels=labels)
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, 8:] = 0  # padding, so a real attention mask reaches the attention function
+    return dict(input_ids=torch.randint(3, 100, (3, 12), generator=g), attention_mask=mask, labels=labels)
+
+
+def _step(model: nn.Module, batch: dict, seed: int = 7):
+    """Loss, logits and gradients of one forward/backward (dropout drawn from ``seed``), plus saved bytes."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    with SavedTensorMeter(model) as meter:
+        out = model(**batch)
+    saved = meter.live_bytes
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), grads, saved
+
+
+def _is_layer(name: str, p: torch.Tensor) -> bool:
+    """SlimFit's layers: weights with more than one dimension plus normalisation weights."""
+    return p.dim() > 1 or ("norm" in name.lower() and name.endswith("weight"))
+
+
+def _freeze_half(model: nn.Module) -> list[str]:
+    """Freeze every other layer; return the trainable layer names."""
+    names = [n for n, p in model.named_parameters() if _is_layer(n, p)]
+    params = dict(model.named_parameters())
+    for i, n in enumerate(names):
+        params[n].requires_grad_(i % 2 == 0)
+    return names[::2]
+
+
+FAMILIES = ["bert", "roberta", "electra", "distilbert", "vit", "deit"]
+
+
+def _classes(model: nn.Module) -> dict[str, type]:
+    return {n: type(m) for n, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exact_policy_matches_unpatched(family):
+    model, kind = _build(family)
+    model.train()  # dropout on: patched dropout and attention must replay the same draws
+    batch = _batch(kind)
+    ref_logits, ref_grads, _ = _step(model, batch)
+    before = _classes(model)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the vision models' Conv2d patch embedding stays uncompressed
+        for policy in (None, CompressionPolicy.exact()):
+            handle = patch(model, policy)
+            logits, grads, _ = _step(model, batch)
+            handle.remove()
+            assert torch.allclose(logits, ref_logits, atol=1e-6)
+            assert grads.keys() == ref_grads.keys()
+            for n, g in grads.items():
+                assert torch.allclose(g, ref_grads[n], atol=1e-6), n
+    assert _classes(model) == before
+
+
+# At width 32 with 36 tokens, compression noise weighs far more than at real sizes (a tensor whose true gradient is
+# nearly zero, e.g. a first-layer query projection under near-uniform attention, has no meaningful direction),
+# so small models are held to the cosine of all trainable gradients together; per-tensor >= 0.99 is checked at
+# BERT-base size (slow test).
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compressed_gradients_close_and_memory_smaller(family):
+    model, kind = _build(family)
+    model.train()
+    trainable = _freeze_half(model)
+    batch = _batch(kind)
+    ref_logits, ref_grads, ref_saved = _step(model, batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        handle = patch(model, CompressionPolicy())
+    logits, grads, saved = _step(model, batch)
+    handle.remove()
+    assert torch.allclose(logits, ref_logits, atol=1e-5)  # forward is unchanged
+    got = torch.cat([grads[n].flatten() for n in trainable])
+    ref = torch.cat([ref_grads[n].flatten() for n in trainable])
+    assert torch.nn.functional.cosine_similarity(got, ref, dim=0) >= 0.99
+    assert saved * 2 < ref_saved
+
+
+def test_patch_marks_modules_and_remove_restores_everything():
+    model, _ = _build("bert")
+    original_sdpa = AttentionInterface._global_mapping["sdpa"]
+    before = _classes(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    handle = patch(model, CompressionPolicy())
+    assert AttentionInterface._global_mapping["sdpa"] is not original_sdpa
+    assert len(handle.attention) == 2
+    assert isinstance(model.bert.encoder.layer[0].intermediate.dense, nn.Linear)
+    assert type(model.bert.encoder.layer[0].intermediate.dense) is not nn.Linear
+    assert model.state_dict().keys() == state.keys()
+    with pytest.raises(ValueError, match="already patched"):
+        patch(model, CompressionPolicy())
+    handle.remove()
+    handle.remove()  # idempotent
+    assert _classes(model) == before
+    assert AttentionInterface._global_mapping["sdpa"] is original_sdpa
+    assert not any("slimfit" in k for m in model.modules() for k in vars(m))
+
+
+def test_two_patched_models_share_the_registry_wrapper():
+    (a, _), (b, _) = _build("bert"), _build("distilbert")
+    original_sdpa = AttentionInterface._global_mapping["sdpa"]
+    ha, hb = patch(a, CompressionPolicy()), patch(b, CompressionPolicy())
+    ha.remove()
+    assert AttentionInterface._global_mapping["sdpa"] is not original_sdpa  # b still needs it
+    hb.remove()
+    assert AttentionInterface._global_mapping["sdpa"] is original_sdpa
+
+
+def test_one_warning_names_unsupported_modules():
+    model, _ = _build("vit")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handle = patch(model, CompressionPolicy())
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1
+    assert "vit.embeddings.patch_embeddings.projection (Conv2d)" in messages[0]
+    handle.remove()
+
+
+def test_eager_attention_is_reported_unsupported():
+    torch.manual_seed(0)
+    model = transformers.BertModel(transformers.BertConfig(vocab_size=100, attn_implementation="eager", **SMALL))
+    with pytest.warns(UserWarning, match="attn_implementation='eager'"):
+        handle = patch(model, CompressionPolicy())
+    assert handle.attention == []
+    handle.remove()
+
+
+def test_generic_torch_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(16, 64), nn.GELU(), nn.Dropout(0.1), nn.Linear(64, 16), nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 2)
+    )
+    x = torch.randn(32, 16)
+    model.train()
+
+    def step():
+        model.zero_grad()
+        torch.manual_seed(3)
+        with SavedTensorMeter(model) as meter:
+            loss = model(x).square().mean()
+        saved = meter.live_bytes
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()], saved
+
+    ref_loss, ref_grads, ref_saved = step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # everything here is supported
+        handle = patch(model, CompressionPolicy())
+    loss, grads, saved = step()
+    handle.remove()
+    assert torch.allclose(loss, ref_loss)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert torch.nn.functional.cosine_similarity(g.flatten(), r.flatten(), dim=0) > 0.99
+    assert saved * 3 < ref_saved
+
+
+def test_multihead_attention_is_reported():
+    model = nn.Sequential(nn.MultiheadAttention(8, 2))
+    with pytest.warns(UserWarning, match=r"0 \(MultiheadAttention\)"):
+        patch(model, CompressionPolicy()).remove()
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        patch("bert", CompressionPolicy())
+    with pytest.raises(ValueError, match="policy must be a CompressionPolicy or None"):
+        patch(nn.Linear(2, 2), "default")
+    with pytest.raises(ValueError, match="layernorm_trainable must be None or one of"):
+        CompressionPolicy(layernorm_trainable=0.1)
+    with pytest.raises(ValueError, match="dropout must be one of"):
+        CompressionPolicy(dropout="bytes")
+
+
+def _bert_base_freeze_90(seed: int = 0):
+    torch.manual_seed(seed)
+    model = transformers.BertForSequenceClassification(transformers.BertConfig())
+    model.train()
+    layers = [(n, p) for n, p in model.named_parameters() if _is_layer(n, p)]
+    assert len(layers) == 102
+    chosen = set(torch.randperm(len(layers), generator=torch.Generator().manual_seed(seed))[:10].tolist())
+    for i, (_, p) in enumerate(layers):
+        p.requires_grad_(i in chosen)
+    return model, [layers[i][0] for i in sorted(chosen)]
+
+
+@pytest.mark.slow
+def test_bert_base_acceptance():
+    """BERT-base, batch 8 x 128, 90% frozen: >= 6x less saved than full fine-tuning; gradient cosine >= 0.99."""
+    model, trainable = _bert_base_freeze_90()
+    g = torch.Generator().manual_seed(0)
+    batch = dict(input_ids=torch.randint(0, 30522, (8, 128), generator=g), labels=torch.tensor([0, 1] * 4))
+    ref_logits, ref_grads, _ = _step(model, batch)
+    handle = patch(model, CompressionPolicy())
+    _, grads, saved = _step(model, batch)
+    handle.remove()
+    full_fine_tuning = 873 * 2**20  # measured by SavedTensorMeter on the unpatched model, all layers trainable
+    assert saved * 6 <= full_fine_tuning, saved / 2**20
+    for n in trainable:
+        cos = torch.nn.functional.cosine_similarity(grads[n].flatten(), ref_grads[n].flatten(), dim=0)
+        assert cos >= 0.99, (n, float(cos))
