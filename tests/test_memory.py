@@ -1,0 +1,105 @@
+"""slimfit.memory: saved-for-backward bytes are measured exactly; byte counts by category."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from slimfit.memory import (
+    SavedTensorMeter,
+    cuda_peak_bytes,
+    gradient_bytes,
+    measure_saved_bytes,
+    optimizer_state_bytes,
+    parameter_bytes,
+)
+
+
+def test_counts_saved_inputs_once_per_storage():
+    a = torch.randn(100, requires_grad=True)
+    b = torch.randn(100, requires_grad=True)
+    with SavedTensorMeter() as meter:
+        y = a * b  # saves a and b
+        z = a * a  # saves a twice more: same storage, counted once
+    assert meter.live_bytes == 2 * 100 * 4
+    del y, z
+    assert meter.live_bytes == 0
+
+
+def test_views_count_their_whole_storage():
+    base = torch.randn(10, 10, requires_grad=True)
+    with SavedTensorMeter() as meter:
+        view = base[:2]
+        y = view.exp()  # saves its output, a fresh [2, 10] storage
+        w = base.t().sin()  # saves its input: a view of base's 400-byte storage
+    assert meter.live_bytes == 2 * 10 * 4 + 10 * 10 * 4
+    del y, w
+
+
+def test_parameters_and_their_views_are_excluded():
+    lin = nn.Linear(8, 4)
+    x = torch.randn(3, 8, requires_grad=True)
+    with SavedTensorMeter(lin) as meter:
+        out = lin(x)  # saves x and the weight (parameter)
+    assert meter.live_bytes == x.numel() * 4
+    del out
+    lin.weight.requires_grad_(False)
+    assert measure_saved_bytes(lambda: lin(x), exclude=lin) == 0  # frozen weight: only the weight is saved
+
+
+def test_graph_freed_by_backward_drops_to_zero_and_peak_is_kept():
+    x = torch.randn(1000, requires_grad=True)
+    with SavedTensorMeter() as meter:
+        loss = (x.exp() * x).sum()
+    assert meter.live_bytes > 0
+    peak = meter.peak_bytes
+    loss.backward()
+    assert meter.live_bytes == 0
+    assert meter.peak_bytes == peak >= 2 * 1000 * 4
+
+
+def test_meter_does_not_change_results():
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Linear(5, 7), nn.GELU(), nn.Linear(7, 1))
+    x = torch.randn(4, 5)
+    lin(x).sum().backward()
+    ref = [p.grad.clone() for p in lin.parameters()]
+    lin.zero_grad()
+    with SavedTensorMeter(lin):
+        out = lin(x).sum()
+    out.backward()
+    for p, r in zip(lin.parameters(), ref, strict=True):
+        assert torch.equal(p.grad, r)
+
+
+def test_live_by_shape_groups_tensors():
+    x = torch.randn(4, 6, requires_grad=True)
+    with SavedTensorMeter() as meter:
+        y = x.sin()
+    assert meter.live_by_shape() == {((4, 6), torch.float32): 96}
+    del y
+
+
+def test_reentry_and_bad_exclude_are_errors():
+    meter = SavedTensorMeter()
+    with meter, pytest.raises(RuntimeError, match="already active"):
+        meter.__enter__()
+    with pytest.raises(TypeError, match="exclude must be an nn.Module or an iterable of tensors"):
+        SavedTensorMeter(["weight"])
+
+
+def test_bytes_by_category():
+    model = nn.Linear(10, 4)  # 40 + 4 floats
+    assert parameter_bytes(model) == 44 * 4
+    assert gradient_bytes(model) == 0
+    model(torch.randn(2, 10)).sum().backward()
+    assert gradient_bytes(model) == 44 * 4
+    opt = torch.optim.AdamW(model.parameters())
+    opt.step()
+    # exp_avg and exp_avg_sq per parameter, plus a scalar step tensor per parameter
+    assert optimizer_state_bytes(opt) == 2 * 44 * 4 + 2 * 4
+    assert optimizer_state_bytes(opt, device="cpu") == optimizer_state_bytes(opt)
+    if not torch.cuda.is_available():
+        assert cuda_peak_bytes() is None
+        assert optimizer_state_bytes(opt, device="cuda") == 0
