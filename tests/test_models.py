@@ -136,6 +136,21 @@ def test_compressed_gradients_close_and_memory_smaller(family):
     assert saved * 2 < ref_saved
 
 
+def test_nothing_below_the_lowest_trainable_layer_is_saved():
+    model, kind = _build("bert")
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.classifier.weight.requires_grad_(True)
+    handle = patch(model, CompressionPolicy())
+    _, grads, saved = _step(model, _batch(kind))
+    handle.remove()
+    assert list(grads) == ["classifier.weight"]
+    # Only the classifier's 8-bit input [3, 32] (+ bf16 scale and offset), and the loss's log-probabilities,
+    # labels and fp32 total weight.
+    assert saved == (3 * 32 + 4) + (3 * 2 * 4 + 3 * 8 + 4)
+
+
 def test_patch_marks_modules_and_remove_restores_everything():
     model, _ = _build("bert")
     original_sdpa = AttentionInterface._global_mapping["sdpa"]
