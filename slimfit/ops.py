@@ -22,12 +22,20 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NORM_EPS = {"rel_l2": 1e-12, "rel_l1_mean": 1e-8}
 
 
+# (op, dispatch key) -> compiled kernel, looked up once at import: torch.compile cannot trace the dispatcher
+# query, but it can read a dict of constants.
+_KERNELS: dict[tuple[str, str], Callable] = {
+    (op, key): getattr(torch.ops.slimfit, op)
+    for op in registered_ops()
+    for key in ("CPU", "CUDA")
+    if has_kernel(op, key)
+}
+
+
 def _kernel(op: str, device: torch.device) -> Callable:
     """The compiled kernel for ``op`` on ``device`` if registered, else the reference function."""
-    key = "CUDA" if device.type == "cuda" else "CPU" if device.type == "cpu" else None
-    if key is not None and has_kernel(op, key):
-        return getattr(torch.ops.slimfit, op)
-    return getattr(reference, op)
+    key = "CUDA" if device.type == "cuda" else "CPU" if device.type == "cpu" else ""
+    return _KERNELS.get((op, key)) or getattr(reference, op)
 
 
 def _check_choice(name: str, value, accepted: tuple) -> None:

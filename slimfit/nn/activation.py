@@ -126,6 +126,14 @@ def code_segments(name: str, bits: int) -> tuple[tuple[float, ...], tuple[int, .
     return tuple(lo.tolist()), (int(codes[0]), *codes[change + 1].tolist())
 
 
+@torch.compiler.assume_constant_result
+def _tables(name: str, bits: int) -> tuple[tuple[float, ...], tuple[int, ...], tuple[float, ...]]:
+    """``(breaks, codes, levels)`` of the derivative code. torch.compile calls this eagerly and bakes the result
+    into the graph as constants (tracing the Lloyd-Max fit would break the graph at every call)."""
+    breaks, codes = code_segments(name, bits)
+    return breaks, codes, derivative_levels(name, bits)[0]
+
+
 class ActivationFunction(torch.autograd.Function):
     """``y = f(x)`` for ``f`` in :data:`ACTIVATIONS`, saving a derivative code or a quantized ``x``."""
 
@@ -137,7 +145,7 @@ class ActivationFunction(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             save(ctx)
         elif isinstance(setting, DerivativeCode):
-            breaks, codes = code_segments(name, setting.bits)
+            breaks, codes, _ = _tables(name, setting.bits)
             segment = torch.bucketize(x.detach(), torch.tensor(breaks, dtype=x.dtype, device=x.device), out_int32=True)
             code = torch.tensor(codes, dtype=torch.uint8, device=x.device)[segment]
             save(ctx, *(ops.pack_bits((code & (1 << b)).bool()) for b in range(setting.bits)))
@@ -150,7 +158,7 @@ class ActivationFunction(torch.autograd.Function):
     def backward(ctx, grad):
         saved = load(ctx)
         if isinstance(ctx.setting, DerivativeCode):
-            levels, _ = derivative_levels(ctx.act_name, ctx.setting.bits)
+            _, _, levels = _tables(ctx.act_name, ctx.setting.bits)
             code = torch.zeros(grad.shape, dtype=torch.uint8, device=grad.device)
             for b, plane in enumerate(saved):
                 code |= ops.unpack_bits(plane).to(torch.uint8) << b

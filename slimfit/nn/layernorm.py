@@ -63,7 +63,7 @@ class LayerNormFunction(torch.autograd.Function):
         dx = dw = db = None
         if need_x:
             g = g32 * weight.float() if weight is not None else g32
-            n = math.prod(ctx.x_shape[d] for d in dims)
+            n = math.prod(ctx.x_shape[-ctx.n_norm :])
             mean_g = g.sum(dims, keepdim=True) / n
             mean_gx = (g * x_hat).sum(dims, keepdim=True) / n
             dx = ((g - mean_g - x_hat * mean_gx) * rstd.float()).to(ctx.x_dtype)

@@ -16,8 +16,9 @@ _SHARED_CODE_ATTR = "_slimfit_linear_code"
 
 def shared_code(x: torch.Tensor, setting: Quantize | None):
     """``encode(x, setting)``, computed once per (tensor, version, setting) and reused afterwards."""
-    if setting is None:
-        return x
+    if setting is None or torch.compiler.is_compiling():
+        # torch.compile cannot trace the tensor-attribute cache: compiled graphs encode once per Linear.
+        return encode(x, setting)
     cached = getattr(x, _SHARED_CODE_ATTR, None)
     if cached is not None and cached[0] == (x._version, setting):
         return cached[1]
