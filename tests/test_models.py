@@ -274,3 +274,14 @@ def test_bert_base_acceptance():
     for n in trainable:
         cos = torch.nn.functional.cosine_similarity(grads[n].flatten(), ref_grads[n].flatten(), dim=0)
         assert cos >= 0.99, (n, float(cos))
+
+
+def test_patched_model_pickles_and_restores():
+    import pickle
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.LayerNorm(4))
+    handle = patch(model, CompressionPolicy())
+    clone = pickle.loads(pickle.dumps(model))
+    assert type(clone[0]) is type(model[0]) and clone[0].slimfit_policy == CompressionPolicy()
+    handle.remove()
+    assert type(model[0]) is nn.Linear

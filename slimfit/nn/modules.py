@@ -76,6 +76,7 @@ def patched_class(base: type[nn.Module], kind: str, activation_of: Callable[[nn.
     if activation_of is not None:
         attrs["slimfit_activation_of"] = staticmethod(activation_of)
     cls = type(f"SlimFit{base.__name__}", (base,), attrs)
+    globals()[cls.__name__] = cls  # importable by name, so pickling a patched model works
     _PATCHED[base] = cls
     return cls
 
