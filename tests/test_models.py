@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import warnings
 
 import pytest
@@ -277,8 +278,6 @@ def test_bert_base_acceptance():
 
 
 def test_patched_model_pickles_and_restores():
-    import pickle
-
     model = nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.LayerNorm(4))
     handle = patch(model, CompressionPolicy())
     clone = pickle.loads(pickle.dumps(model))
