@@ -69,6 +69,14 @@ struct GroupParams {
 };
 
 SF_HD GroupParams group_params(float lo, float hi, bool finite, int levels) {
+  // -0.0 + 0.0 is +0.0: which signed zero a min/max reduction returns is unspecified, its sum with +0 is not.
+#ifdef __CUDA_ARCH__
+  lo = __fadd_rn(lo, 0.0f);
+  hi = __fadd_rn(hi, 0.0f);
+#else
+  lo += 0.0f;
+  hi += 0.0f;
+#endif
   GroupParams p;
   p.finite = finite;
   if (!finite) {
@@ -103,12 +111,23 @@ SF_HD GroupParams params_from_bits(uint16_t scale_bits, uint16_t offset_bits) {
 }
 
 // Code of one element (reference.quantize): round-to-nearest-even or stochastic floor(v + u), clamped.
+// Clamping to [0, levels] before rounding gives the same code as after (the bounds are integers; NaN -> 0),
+// and lets the host round without a libm call: adding 1.5 * 2**23 rounds a value in [0, 2**22) to an
+// integer, half to even, under the default rounding mode; float to int conversion truncates (floor for >= 0).
 SF_HD uint32_t quantize_code(float x, const GroupParams& p, int levels, bool stochastic, uint32_t key, int64_t i) {
   if (!p.finite) return 0;
-  float v = (x - p.offset) * p.inv_scale;
-  float r = stochastic ? floorf(v + uniform_at(key, i)) : rintf(v);
-  r = fminf(fmaxf(r, 0.0f), static_cast<float>(levels));
-  return static_cast<uint32_t>(r);
+  const float v = (x - p.offset) * p.inv_scale;
+  const float w = stochastic ? v + uniform_at(key, i) : v;
+#ifdef __CUDA_ARCH__
+  const float c = fminf(fmaxf(w, 0.0f), static_cast<float>(levels));
+  return static_cast<uint32_t>(stochastic ? c : rintf(c));
+#else
+  // Comparisons instead of fminf/fmaxf (library calls without -ffinite-math-only); NaN -> 0 as with fmaxf.
+  const float pos = w > 0.0f ? w : 0.0f;
+  const float c = pos < static_cast<float>(levels) ? pos : static_cast<float>(levels);
+  constexpr float kRoundMagic = 12582912.0f;
+  return static_cast<uint32_t>(stochastic ? c : (c + kRoundMagic) - kRoundMagic);
+#endif
 }
 
 // offset + code * scale, kept as two roundings on every backend (no fused multiply-add).
@@ -146,22 +165,24 @@ namespace slimfit {
 constexpr int64_t kNormChunk = 1 << 16;
 
 // Per-element terms in float64 on float32-converted inputs (reference.update_norms); rel_l1_mean adds only s0.
-SF_HD void norm_terms(float before, float after, bool l2, double eps, double& s0, double& s1) {
+// `m < eps ? eps : m` keeps NaN like torch's clamp_min and maps to a vector max instruction.
+template <bool kL2>
+SF_HD void norm_terms(float before, float after, double eps, double& s0, double& s1) {
   const double b = static_cast<double>(before);
   const double d = static_cast<double>(after) - b;
-  if (l2) {
+  if (kL2) {
     s0 += d * d;
     s1 += b * b;
   } else {
-    const double mag = b < 0.0 ? -b : b;
-    s0 += (d < 0.0 ? -d : d) / (mag > eps || mag != mag ? mag : eps);
+    const double mag = fabs(b);
+    s0 += fabs(d) / (mag < eps ? eps : mag);
   }
 }
 
 SF_HD float finish_norm(double s0, double s1, int64_t n, bool l2, double eps) {
   if (l2) {
     const double denom = sqrt(s1);
-    return static_cast<float>(sqrt(s0) / (denom > eps || denom != denom ? denom : eps));
+    return static_cast<float>(sqrt(s0) / (denom < eps ? eps : denom));
   }
   return n ? static_cast<float>(s0 / static_cast<double>(n)) : 0.0f;
 }

@@ -9,17 +9,17 @@ Quantization format (shared by all backends)
 * The input is flattened (row-major) to ``n`` elements and cut into ``G = ceil(n / group_size)`` groups
   of consecutive elements; the last group may be short.
 * Each group stores an ``offset`` and a ``scale`` as bfloat16 (2 bytes each). ``offset`` is the group
-  minimum rounded *down* to bfloat16 and ``scale`` is ``(max - offset) / (2**bits - 1)`` rounded *up*, so
-  every element of the group lies inside the representable range and round-to-nearest is off by at most
-  ``scale / 2``.
+  minimum (a zero counts as +0.0) rounded *down* to bfloat16 and ``scale`` is ``(max - offset) / (2**bits - 1)``
+  rounded *up*, so every element of the group lies inside the representable range and round-to-nearest is
+  off by at most ``scale / 2``.
 * A code is ``round_half_even((x - offset) * inv)`` with ``inv = 1 / scale`` in float32 (``inv = 0`` when
   ``scale == 0``), clamped to ``[0, 2**bits - 1]``. Stochastic rounding replaces the rounding by
   ``floor(v + u)`` where ``u`` in [0, 1) comes from :func:`uniform_from_seed` (a counter-based hash of the
   seed and the element index), so every backend produces identical codes for the same seed.
 * Codes are packed little-endian inside a byte: element ``i`` lives in byte ``i * bits // 8`` at bit
   ``(i % (8 // bits)) * bits``. The code tensor has exactly ``ceil(n * bits / 8)`` bytes.
-* A group holding NaN or +-Inf gets ``scale = offset = NaN`` and zero codes, so it dequantizes to NaN;
-  other groups are unaffected.
+* A group holding NaN or +-Inf gets ``scale = offset = NaN`` (bfloat16 0x7FC0) and zero codes, so it
+  dequantizes to NaN (sign and payload unspecified); other groups are unaffected.
 * Dequantization is ``offset + code * scale`` in float32, cast to the requested dtype.
 
 Sparse (top-k) format
@@ -127,8 +127,9 @@ def quantize(
     levels = (1 << bits) - 1
     groups = _groups(x, group_size)
     finite = torch.isfinite(groups).all(dim=1)
-    lo = torch.where(finite, groups.amin(dim=1), 0.0)
-    hi = torch.where(finite, groups.amax(dim=1), 0.0)
+    # Adding +0.0 turns -0.0 into +0.0, so the signed zero a reduction happens to return does not matter.
+    lo = torch.where(finite, groups.amin(dim=1), 0.0) + 0.0
+    hi = torch.where(finite, groups.amax(dim=1), 0.0) + 0.0
     offset = _round_to_bf16(lo, up=False)
     scale = _round_to_bf16((hi - offset.float()) / levels, up=True)
     nan = torch.tensor(float("nan"), dtype=torch.bfloat16, device=x.device)

@@ -23,9 +23,12 @@ KERNEL_DEVICES = [
 
 
 def bits_of(t: torch.Tensor) -> torch.Tensor:
-    """Bit pattern of a tensor on CPU, so NaNs compare equal."""
+    """Bit pattern of a tensor on CPU with every NaN made one NaN (the format leaves NaN payloads open)."""
     t = t.detach().cpu().contiguous()
-    return t.view(torch.uint8) if t.dim() and t.is_floating_point() else t
+    if not t.is_floating_point():
+        return t
+    t = t.masked_fill(t.isnan(), float("nan"))
+    return t.view(torch.uint8) if t.dim() else t.view(1).view(torch.uint8)
 
 
 def assert_same(a, b) -> None:
@@ -45,7 +48,18 @@ def sample(shape, dtype, seed=0) -> torch.Tensor:
 @pytest.mark.parametrize("bits", [8, 4, 2])
 @pytest.mark.parametrize(
     ("shape", "group_size"),
-    [((1,), 1), ((7,), 3), ((3, 5), 4), ((129,), 128), ((4, 33, 7), 32), ((1000,), 128), ((5, 77), 7), ((), 2)],
+    [
+        ((1,), 1),
+        ((7,), 3),
+        ((3, 5), 4),
+        ((129,), 128),
+        ((4, 33, 7), 32),
+        ((1000,), 128),
+        ((5, 77), 7),
+        ((), 2),
+        ((2, 1500), 512),  # 16-byte loads for every dtype on CUDA
+        ((2, 4500), 2048),  # groups longer than the CUDA kernel's register cache
+    ],
 )
 @pytest.mark.parametrize("seed", [None, 1234])
 def test_kernel_matches_reference(device, dtype, bits, shape, group_size, seed):
@@ -80,8 +94,9 @@ def test_empty(device, dtype, shape):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=KERNEL_DEVICES[1].marks)])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("bits", [8, 4, 2])
-def test_non_finite_stays_in_its_group(device, bad, bits):
-    x = sample((10, 30), torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_finite_stays_in_its_group(device, bad, bits, dtype):
+    x = sample((10, 30), dtype)
     dirty = x.clone()
     dirty[4, 7] = bad  # element 127 -> group 4 of groups of 30 (odd size: bytes straddle groups)
     clean = ops.dequantize(ops.quantize(x.to(device), bits=bits, group_size=30))
@@ -89,6 +104,8 @@ def test_non_finite_stays_in_its_group(device, bad, bits):
     assert got[4].isnan().all()
     others = torch.arange(10) != 4
     assert torch.equal(got[others].cpu(), clean[others].cpu())
+    reference_out = reference.dequantize(*reference.quantize(dirty, bits, 30, None), bits, 30, [10, 30], dtype)
+    assert torch.equal(bits_of(got), bits_of(reference_out))
 
 
 def _steps(q) -> torch.Tensor:
@@ -186,3 +203,11 @@ def test_bad_arguments(kwargs, match):
 def test_bad_dtype():
     with pytest.raises(ValueError, match="x must have dtype float32, float16 or bfloat16, got torch.int32"):
         ops.quantize(torch.ones(4, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("values", [[0.0, -0.0], [-0.0, -0.0], [-0.0, 0.0, 1.0], [-0.0, -1.0]])
+def test_signed_zeros_match_reference(device, values):
+    x = torch.tensor(values)
+    for bits in (8, 4, 2):
+        assert_same(torch.ops.slimfit.quantize(x.to(device), bits, 32, None), reference.quantize(x, bits, 32, None))

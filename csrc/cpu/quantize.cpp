@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <numeric>
+#include <type_traits>
 
 #include "../common.h"
 
@@ -52,6 +53,22 @@ GroupParams scan_group(const scalar_t* x, int64_t begin, int64_t end, int levels
   return group_params(group_lo, group_hi, group_bad == 0.0f, levels);
 }
 
+// Codes of whole bytes [i, stop) of one group (i and stop on byte boundaries). kBits is a compile-time
+// constant so the per-byte loop unrolls and the finite/stochastic branches hoist out of the loop.
+template <int kBits, typename scalar_t>
+void quantize_bytes(const scalar_t* x, int64_t i, int64_t stop, const GroupParams& p, bool stochastic, uint32_t key,
+                    uint8_t* codes) {
+  constexpr int kPerByte = 8 / kBits;
+  constexpr int kLevels = (1 << kBits) - 1;
+  for (; i < stop; i += kPerByte) {
+    uint32_t byte = 0;
+    for (int s = 0; s < kPerByte; ++s) {
+      byte |= quantize_code(static_cast<float>(x[i + s]), p, kLevels, stochastic, key, i + s) << (s * kBits);
+    }
+    codes[i / kPerByte] = static_cast<uint8_t>(byte);
+  }
+}
+
 template <typename scalar_t>
 void quantize_kernel(const scalar_t* x, int64_t n, int bits, int64_t group_size, bool stochastic, uint32_t key,
                      uint8_t* codes, uint16_t* scale, uint16_t* offset) {
@@ -66,26 +83,32 @@ void quantize_kernel(const scalar_t* x, int64_t n, int bits, int64_t group_size,
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t g_end = std::min(num_groups, (r + 1) * run);
       uint32_t pending = 0;  // bits of a byte that straddles two groups
+      // Element by element, for the partial bytes at a group's edges.
+      auto add_code = [&](int64_t i, const GroupParams& p) {
+        const int slot = static_cast<int>(i % per_byte);
+        pending |= quantize_code(static_cast<float>(x[i]), p, levels, stochastic, key, i) << (slot * bits);
+        if (slot == per_byte - 1 || i == n - 1) {
+          codes[i / per_byte] = static_cast<uint8_t>(pending);
+          pending = 0;
+        }
+      };
       for (int64_t g = r * run; g < g_end; ++g) {
         const int64_t begin = g * group_size;
         const int64_t end = std::min(n, begin + group_size);
         const GroupParams p = scan_group(x, begin, end, levels);
         scale[g] = p.scale_bits;
         offset[g] = p.offset_bits;
+        int64_t i = begin;
+        for (; i < end && i % per_byte != 0; ++i) add_code(i, p);
+        const int64_t stop = i + (end - i) / per_byte * per_byte;
         if (bits == 8) {
-          for (int64_t i = begin; i < end; ++i) {
-            codes[i] = static_cast<uint8_t>(quantize_code(static_cast<float>(x[i]), p, levels, stochastic, key, i));
-          }
-          continue;
+          quantize_bytes<8>(x, i, stop, p, stochastic, key, codes);
+        } else if (bits == 4) {
+          quantize_bytes<4>(x, i, stop, p, stochastic, key, codes);
+        } else {
+          quantize_bytes<2>(x, i, stop, p, stochastic, key, codes);
         }
-        for (int64_t i = begin; i < end; ++i) {
-          const int slot = static_cast<int>(i % per_byte);
-          pending |= quantize_code(static_cast<float>(x[i]), p, levels, stochastic, key, i) << (slot * bits);
-          if (slot == per_byte - 1 || i == n - 1) {
-            codes[i / per_byte] = static_cast<uint8_t>(pending);
-            pending = 0;
-          }
-        }
+        for (i = stop; i < end; ++i) add_code(i, p);
       }
     }
   });
@@ -135,12 +158,18 @@ at::Tensor dequantize_cpu(const at::Tensor& codes_in, const at::Tensor& scale_in
       for (int64_t g = g0; g < g1; ++g) {
         const float gs = bf16_to_float(s[g]), go = bf16_to_float(o[g]);
         const int64_t end = std::min(n, (g + 1) * group_size);
-        if (b == 8) {
-          for (int64_t i = g * group_size; i < end; ++i) y[i] = static_cast<scalar_t>(dequantize_code(c[i], gs, go));
-        } else {
+        // A compile-time bit width turns the code lookup into shifts and masks.
+        auto decode = [&](auto bits_constant) {
           for (int64_t i = g * group_size; i < end; ++i) {
-            y[i] = static_cast<scalar_t>(dequantize_code(unpack_code(c, i, b), gs, go));
+            y[i] = static_cast<scalar_t>(dequantize_code(unpack_code(c, i, bits_constant.value), gs, go));
           }
+        };
+        if (b == 8) {
+          decode(std::integral_constant<int, 8>{});
+        } else if (b == 4) {
+          decode(std::integral_constant<int, 4>{});
+        } else {
+          decode(std::integral_constant<int, 2>{});
         }
       }
     });

@@ -15,17 +15,17 @@ namespace {
 
 // Sums of one chunk in eight independent lanes (vectorisable without fast-math, fixed order so the result
 // does not depend on the thread count).
-template <typename scalar_t>
-void chunk_sums(const scalar_t* b, const scalar_t* a, int64_t begin, int64_t end, bool l2, double eps, double* out) {
+template <typename scalar_t, bool kL2>
+void chunk_sums(const scalar_t* b, const scalar_t* a, int64_t begin, int64_t end, double eps, double* out) {
   constexpr int kLanes = 8;
   double s0[kLanes] = {}, s1[kLanes] = {};
   int64_t i = begin;
   for (; i + kLanes <= end; i += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
-      norm_terms(static_cast<float>(b[i + l]), static_cast<float>(a[i + l]), l2, eps, s0[l], s1[l]);
+      norm_terms<kL2>(static_cast<float>(b[i + l]), static_cast<float>(a[i + l]), eps, s0[l], s1[l]);
     }
   }
-  for (; i < end; ++i) norm_terms(static_cast<float>(b[i]), static_cast<float>(a[i]), l2, eps, s0[0], s1[0]);
+  for (; i < end; ++i) norm_terms<kL2>(static_cast<float>(b[i]), static_cast<float>(a[i]), eps, s0[0], s1[0]);
   out[0] = out[1] = 0.0;
   for (int l = 0; l < kLanes; ++l) {
     out[0] += s0[l];
@@ -57,8 +57,13 @@ at::Tensor update_norms_cpu(at::TensorList before_in, at::TensorList after_in, c
       const int64_t begin = (c - first_chunk[p]) * kNormChunk;
       const int64_t end = std::min(before[p].numel(), begin + kNormChunk);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, before[p].scalar_type(), "slimfit_update_norms", [&] {
-        chunk_sums(before[p].data_ptr<scalar_t>(), after[p].data_ptr<scalar_t>(), begin, end, l2, eps,
-                   &partial[2 * c]);
+        const scalar_t* b = before[p].data_ptr<scalar_t>();
+        const scalar_t* a = after[p].data_ptr<scalar_t>();
+        if (l2) {
+          chunk_sums<scalar_t, true>(b, a, begin, end, eps, &partial[2 * c]);
+        } else {
+          chunk_sums<scalar_t, false>(b, a, begin, end, eps, &partial[2 * c]);
+        }
       });
     }
   });

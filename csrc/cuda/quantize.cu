@@ -264,15 +264,59 @@ __global__ void codes_kernel(const scalar_t* __restrict__ x, int64_t n, int bits
   }
 }
 
+// One thread per 8 consecutive elements: their `bits` code bytes in one load (when the codes are 8-byte
+// aligned), one 64-bit division for the group index, and the 8 outputs in 16-byte stores.
+constexpr int kDequantPerThread = 8;
+
 template <typename scalar_t>
-__global__ void dequantize_kernel(const uint8_t* __restrict__ codes, const uint16_t* __restrict__ scale,
-                                  const uint16_t* __restrict__ offset, int bits, int64_t group_size, int64_t n,
-                                  scalar_t* __restrict__ y) {
+__global__ void dequantize_kernel(const uint8_t* __restrict__ codes, bool codes_aligned,
+                                  const uint16_t* __restrict__ scale, const uint16_t* __restrict__ offset, int bits,
+                                  int64_t group_size, int64_t n, scalar_t* __restrict__ y) {
+  constexpr int kE = kDequantPerThread;
+  const int64_t chunks = (n + kE - 1) / kE;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride) {
-    const int64_t g = i / group_size;
-    y[i] = static_cast<scalar_t>(
-        dequantize_code(unpack_code(codes, i, bits), bf16_to_float(scale[g]), bf16_to_float(offset[g])));
+  const uint32_t mask = (1U << bits) - 1U;
+  for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < chunks; c += stride) {
+    const int64_t i0 = c * kE;
+    const bool full = i0 + kE <= n;
+    const uint8_t* src = codes + c * bits;  // kE * bits / 8 bytes
+    uint64_t packed = 0;
+    if (full && codes_aligned) {
+      if (bits == 8) {
+        const uint2 w = *reinterpret_cast<const uint2*>(src);
+        packed = w.x | (static_cast<uint64_t>(w.y) << 32);
+      } else if (bits == 4) {
+        packed = *reinterpret_cast<const uint32_t*>(src);
+      } else {
+        packed = *reinterpret_cast<const uint16_t*>(src);
+      }
+    } else {
+      const int64_t bytes = full ? bits : ((n - i0) * bits + 7) / 8;
+      for (int64_t b = 0; b < bytes; ++b) packed |= static_cast<uint64_t>(src[b]) << (8 * b);
+    }
+    int64_t g = i0 / group_size;
+    int64_t next = (g + 1) * group_size;  // first element of the following group
+    float s = bf16_to_float(scale[g]), o = bf16_to_float(offset[g]);
+    alignas(16) scalar_t vals[kE];
+#pragma unroll
+    for (int e = 0; e < kE; ++e) {
+      if (i0 + e == next) {  // elements advance by one, so a group boundary is met exactly
+        ++g;
+        next += group_size;
+        if (i0 + e < n) {
+          s = bf16_to_float(scale[g]);
+          o = bf16_to_float(offset[g]);
+        }
+      }
+      vals[e] = static_cast<scalar_t>(dequantize_code(static_cast<uint32_t>(packed >> (e * bits)) & mask, s, o));
+    }
+    if (full) {
+      constexpr int kVectors = kE * sizeof(scalar_t) / 16;
+#pragma unroll
+      for (int v = 0; v < kVectors; ++v) reinterpret_cast<uint4*>(y + i0)[v] = reinterpret_cast<const uint4*>(vals)[v];
+    } else {
+      for (int e = 0; i0 + e < n; ++e) y[i0 + e] = vals[e];
+    }
   }
 }
 
@@ -329,8 +373,11 @@ at::Tensor dequantize_cuda(const at::Tensor& codes_in, const at::Tensor& scale_i
   if (n == 0) return out;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "slimfit_dequantize_cuda", [&] {
-    dequantize_kernel<scalar_t><<<grid_for(n, kThreads), kThreads, 0, stream>>>(
-        codes.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>()),
+    const uint8_t* c = codes.data_ptr<uint8_t>();
+    const bool aligned = reinterpret_cast<uintptr_t>(c) % 8 == 0;
+    dequantize_kernel<scalar_t><<<grid_for((n + kDequantPerThread - 1) / kDequantPerThread, kThreads), kThreads, 0,
+                                  stream>>>(
+        c, aligned, reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>()),
         reinterpret_cast<const uint16_t*>(offset.data_ptr<at::BFloat16>()), static_cast<int>(bits), group_size, n,
         out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -22,13 +22,12 @@ struct NormPair {
   int32_t dtype;        // 0 float32, 1 float16, 2 bfloat16
 };
 
-template <typename scalar_t>
-__device__ void accumulate(const NormPair& p, int64_t begin, int64_t end, bool l2, double eps, double& s0,
-                           double& s1) {
+template <typename scalar_t, bool kL2>
+__device__ void accumulate(const NormPair& p, int64_t begin, int64_t end, double eps, double& s0, double& s1) {
   const auto* b = static_cast<const scalar_t*>(p.before);
   const auto* a = static_cast<const scalar_t*>(p.after);
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-    norm_terms(static_cast<float>(b[i]), static_cast<float>(a[i]), l2, eps, s0, s1);
+    norm_terms<kL2>(static_cast<float>(b[i]), static_cast<float>(a[i]), eps, s0, s1);
   }
 }
 
@@ -75,11 +74,13 @@ __global__ void update_norms_kernel(const NormPair* __restrict__ pairs, int64_t 
     const int64_t end = min(p.numel, begin + kNormChunk);
     double s0 = 0.0, s1 = 0.0;
     if (p.dtype == 0) {
-      accumulate<float>(p, begin, end, l2, eps, s0, s1);
+      l2 ? accumulate<float, true>(p, begin, end, eps, s0, s1) : accumulate<float, false>(p, begin, end, eps, s0, s1);
     } else if (p.dtype == 1) {
-      accumulate<at::Half>(p, begin, end, l2, eps, s0, s1);
+      l2 ? accumulate<at::Half, true>(p, begin, end, eps, s0, s1)
+         : accumulate<at::Half, false>(p, begin, end, eps, s0, s1);
     } else {
-      accumulate<at::BFloat16>(p, begin, end, l2, eps, s0, s1);
+      l2 ? accumulate<at::BFloat16, true>(p, begin, end, eps, s0, s1)
+         : accumulate<at::BFloat16, false>(p, begin, end, eps, s0, s1);
     }
     block_sum(s0, s1, shared);
     if (threadIdx.x == 0) {
