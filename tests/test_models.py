@@ -284,3 +284,25 @@ def test_patched_model_pickles_and_restores():
     assert type(clone[0]) is type(model[0]) and clone[0].slimfit_policy == CompressionPolicy()
     handle.remove()
     assert type(model[0]) is nn.Linear
+
+
+def test_autocast_bfloat16():
+    model, kind = _build("bert")
+    model.train()
+    trainable = _freeze_half(model)
+    batch = _batch(kind)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        return torch.cat([dict(model.named_parameters())[n].grad.flatten() for n in trainable])
+
+    ref = grads()
+    handle = patch(model, CompressionPolicy())
+    got = grads()
+    handle.remove()
+    assert got.dtype == torch.float32  # gradients keep the parameters' dtype
+    assert torch.nn.functional.cosine_similarity(got, ref, dim=0) >= 0.99
