@@ -43,28 +43,29 @@ class PatchHandle:
         unsupported: ``"name (ClassName)"`` of modules left uncompressed.
     """
 
-    model: nn.Module | None
+    model: nn.Module | None = field(repr=False)
     policy: CompressionPolicy | None
     patched: dict[str, type] = field(default_factory=dict)
     attention: list[str] = field(default_factory=list)
     unsupported: list[str] = field(default_factory=list)
-    _uses_dispatcher: bool = False
+    # The module objects themselves, so remove() works even if the model was re-wrapped or re-arranged since.
+    _switched: list[tuple[nn.Module, type]] = field(default_factory=list, repr=False)
+    _marked: list[nn.Module] = field(default_factory=list, repr=False)
+    _uses_dispatcher: bool = field(default=False, repr=False)
 
     def remove(self) -> None:
         """Restore every patched module's original class and drop slimfit's attributes (idempotent)."""
         if self.model is None:
             return
-        modules = dict(self.model.named_modules())
-        for name, cls in self.patched.items():
-            m = modules[name]
+        for m, cls in self._switched:
             m.__class__ = cls
             m.__dict__.pop(_POLICY_ATTR, None)
-        for name in self.attention:
-            modules[name].__dict__.pop(hf.ATTENTION_ATTR, None)
+        for m in self._marked:
+            m.__dict__.pop(hf.ATTENTION_ATTR, None)
         if self._uses_dispatcher:
             hf.DISPATCHER.release()
         self.model = None
-        self.patched, self.attention = {}, []
+        self.patched, self.attention, self._switched, self._marked = {}, [], [], []
 
 
 def patch(model: nn.Module, policy: CompressionPolicy | None) -> PatchHandle:
@@ -93,6 +94,7 @@ def patch(model: nn.Module, policy: CompressionPolicy | None) -> PatchHandle:
             target = patched_class(cls, "activation", hf_acts[cls])
         if target is not None:
             handle.patched[name] = cls
+            handle._switched.append((m, cls))
             m.__class__ = target
             setattr(m, _POLICY_ATTR, policy)
         elif hf.is_registry_attention(m):
@@ -102,6 +104,7 @@ def patch(model: nn.Module, policy: CompressionPolicy | None) -> PatchHandle:
             elif policy.attention is not None:
                 setattr(m, hf.ATTENTION_ATTR, policy.attention)
                 handle.attention.append(name)
+                handle._marked.append(m)
         elif isinstance(m, nn.MultiheadAttention) or _is_unsupported_leaf(m):
             handle.unsupported.append(f"{name} ({cls.__name__})")
     if handle.attention and hf.DISPATCHER.available:
