@@ -479,6 +479,10 @@ def staged_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     refuse_existing_output(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    # mkdtemp makes the folder private (0700); the result should get the permissions of any new folder.
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
     try:
         yield staging
         refuse_existing_output(target)

@@ -78,6 +78,9 @@ def test_finetune_writes_metrics_log_and_plots(assets, tmp_path, capsys, method)
     for plot in ("loss.png", "memory.png", "layers.png"):
         assert (output / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no staging folder left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert output.stat().st_mode & 0o777 == 0o777 & ~umask  # not the private mode of the staging folder
 
 
 def expect_error(capsys, argv: list[str], *fragments: str) -> str:
