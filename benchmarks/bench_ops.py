@@ -116,15 +116,19 @@ def cpu_norm_rows(repeats: int) -> list[tuple[str, float, float]]:
     return rows
 
 
-def cuda_rows(repeats: int) -> list[tuple[str, float, float]]:
-    """(op, GB/s of the kernel, GB/s of copy_ of the input's bytes)."""
-    sync = torch.cuda.synchronize
+def device_rows(repeats: int, device: str = "cuda") -> list[tuple[str, float, float]]:
+    """(op, GB/s of the kernel, GB/s of copy_ of the input's bytes) on ``device``."""
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     torch.manual_seed(0)
-    x = torch.randn(4096, 4096, device="cuda")
+    x = torch.randn(4096, 4096, device=device)
     n = x.numel()
 
     def copy_rate(nbytes: int) -> float:
-        src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        src = torch.empty(nbytes, dtype=torch.uint8, device=device)
         dst = torch.empty_like(src)
         t, _ = side_by_side(lambda: dst.copy_(src), lambda: None, repeats * 3, sync)
         return 2 * nbytes / t / 1e9  # read + write
@@ -152,7 +156,7 @@ def cuda_rows(repeats: int) -> list[tuple[str, float, float]]:
     add("sparsify keep 0.1", lambda: ops.sparsify(x, keep), x.nbytes, x.nbytes)
     mask = x > 0
     add("pack_bits", lambda: ops.pack_bits(mask), n + n // 8, n)
-    before, after = (([t.cuda() for t in ts]) for ts in bert_pairs())
+    before, after = ([t.to(device) for t in ts] for ts in bert_pairs())
     total = sum(t.nbytes for t in before) * 2
     add("update_norms rel_l2, BERT-base", lambda: ops.update_norms(before, after, "rel_l2", 1e-12), total, total)
     return rows
@@ -200,7 +204,7 @@ def main() -> None:
             "| op | kernel GB/s | copy_ GB/s | fraction of copy_ |",
             "|---|---:|---:|---:|",
         ]
-        for name, rate, copy in cuda_rows(args.repeats):
+        for name, rate, copy in device_rows(args.repeats):
             lines.append(f"| {name} | {rate:.0f} | {copy:.0f} | {rate / copy:.0%} |")
             print(lines[-1], flush=True)
     lines += ["", f"- load average after: {load_average()}", ""]
