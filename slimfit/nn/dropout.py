@@ -33,7 +33,8 @@ class DropoutFunction(torch.autograd.Function):
             save(ctx, ops.pack_bits(mask))
         else:
             save(ctx, state)
-        ctx.p, ctx.mode, ctx.shape, ctx.dtype = p, mode, x.shape, x.dtype
+        # The mask's strides too: a permuted x draws its mask in x's memory order, and replay must match it.
+        ctx.p, ctx.mode, ctx.shape, ctx.stride, ctx.dtype = p, mode, x.shape, mask.stride(), x.dtype
         return x * mask.to(x.dtype).div_(1.0 - p)
 
     @staticmethod
@@ -44,7 +45,8 @@ class DropoutFunction(torch.autograd.Function):
             mask = ops.unpack_bits(saved)
         else:
             with replay(grad.device, saved):
-                mask = _keep_mask(torch.empty(ctx.shape, dtype=ctx.dtype, device=grad.device), ctx.p)
+                like = torch.empty_strided(ctx.shape, ctx.stride, dtype=ctx.dtype, device=grad.device)
+                mask = _keep_mask(like, ctx.p)
         return grad * mask.to(grad.dtype).div_(1.0 - ctx.p), None, None
 
 
