@@ -98,3 +98,8 @@ def test_resume_without_slimfit_state_is_an_error(model_dir, tmp_path):
     trainer = make_trainer(model_dir, tmp_path / "b", SlimFitCallback(freeze_ratio=0.5, compression=None), max_steps=6)
     with pytest.raises(FileNotFoundError, match=STATE_FILE):
         trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))
+
+
+def test_bad_freeze_ratio_fails_at_construction():
+    with pytest.raises(ValueError, match="freeze_ratio"):
+        SlimFitCallback(freeze_ratio=1.0)

@@ -42,6 +42,9 @@ class SlimFitCallback(TrainerCallback):
     """
 
     def __init__(self, freeze_ratio: float = 0.9, **slimfit_kwargs: Any) -> None:
+        # Checked here too, so that a bad value fails when the Trainer is built rather than when training starts.
+        if not isinstance(freeze_ratio, (int, float)) or not 0.0 <= freeze_ratio < 1.0:
+            raise ValueError(f"freeze_ratio must be a number in [0, 1), got {freeze_ratio!r}")
         self.freeze_ratio = freeze_ratio
         self.slimfit_kwargs = slimfit_kwargs
         self.slimfit: SlimFit | None = None
