@@ -3,7 +3,8 @@
 Few-Bit Backward (Novikov et al., ICML 2023): backward of ``y = f(x)`` only needs ``f'(x)``, so forward stores
 ``f'(x)`` rounded to one of ``2**bits`` levels instead of ``x``. Levels and decision thresholds are fitted once
 per activation by Lloyd-Max on the distribution of ``f'(x)`` for ``x ~ N(0, 1)``; each code is stored as
-``bits`` bit-planes of 1 bit per element (:func:`slimfit.ops.pack_bits`), e.g. 2 bits per element for GELU.
+``bits`` bit-planes of 1 bit per element (:func:`slimfit.ops.pack_bits`). The default is 4 bits, an eighth of
+fp32: on BERT-base 3 bits gave trainable-gradient cosines down to 0.988 against exact, 4 bits 0.993.
 """
 
 from __future__ import annotations
