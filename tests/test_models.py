@@ -13,6 +13,7 @@ from transformers.modeling_utils import AttentionInterface
 
 from slimfit.memory import SavedTensorMeter
 from slimfit.models import patch
+from slimfit.models.hf import _Dispatcher
 from slimfit.policy import CompressionPolicy
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
@@ -158,7 +159,8 @@ def test_patch_marks_modules_and_remove_restores_everything():
     before = _classes(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     handle = patch(model, CompressionPolicy())
-    assert AttentionInterface._global_mapping["sdpa"] is not original_sdpa
+    # Other tests may still hold patched models, so the wrapper can be installed already.
+    assert isinstance(AttentionInterface._global_mapping["sdpa"], _Dispatcher)
     assert len(handle.attention) == 2
     assert isinstance(model.bert.encoder.layer[0].intermediate.dense, nn.Linear)
     assert type(model.bert.encoder.layer[0].intermediate.dense) is not nn.Linear
@@ -177,7 +179,7 @@ def test_two_patched_models_share_the_registry_wrapper():
     original_sdpa = AttentionInterface._global_mapping["sdpa"]
     ha, hb = patch(a, CompressionPolicy()), patch(b, CompressionPolicy())
     ha.remove()
-    assert AttentionInterface._global_mapping["sdpa"] is not original_sdpa  # b still needs it
+    assert isinstance(AttentionInterface._global_mapping["sdpa"], _Dispatcher)  # b still needs it
     hb.remove()
     assert AttentionInterface._global_mapping["sdpa"] is original_sdpa
 
