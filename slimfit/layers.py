@@ -11,6 +11,7 @@ stays frozen and is not scheduled.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,7 @@ class ParameterSplit:
 
     layers: tuple[Layer, ...]
     auxiliary: tuple[tuple[str, nn.Parameter], ...]
+    pinned: tuple[tuple[str, nn.Parameter], ...] = ()  # named in ``always_train``: train every step
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -77,11 +79,20 @@ def is_norm_module(module: nn.Module) -> bool:
     return isinstance(module, _NORM_TYPES) or type(module).__name__.endswith("Norm")
 
 
-def split_parameters(model: nn.Module) -> ParameterSplit:
+def split_parameters(model: nn.Module, always_train: Collection[str] = ()) -> ParameterSplit:
     """Split the parameters of ``model`` that require grad into layers and auxiliary parameters.
 
-    Tied parameters (e.g. an MLM decoder sharing the word embeddings) appear once, under their first name.
+    Parameters named in ``always_train`` (e.g. a freshly initialised classification head) are neither: they are
+    returned as ``pinned`` and never scheduled. Tied parameters (e.g. an MLM decoder sharing the word
+    embeddings) appear once, under their first name.
     """
+    names = {name for name, _ in model.named_parameters()}
+    unknown = sorted(set(always_train) - names)
+    if unknown:
+        raise ValueError(
+            f"always_train names {len(unknown)} parameter(s) the model does not have: {unknown[:5]}; "
+            "use names from model.named_parameters()"
+        )
     norm_weights = {
         id(module.weight)
         for module in model.modules()
@@ -89,8 +100,12 @@ def split_parameters(model: nn.Module) -> ParameterSplit:
     }
     layers: list[Layer] = []
     auxiliary: list[tuple[str, nn.Parameter]] = []
+    pinned: list[tuple[str, nn.Parameter]] = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
+            continue
+        if name in always_train:
+            pinned.append((name, param))
             continue
         if param.dim() > 1:
             layers.append(Layer(name, param, "weight"))
@@ -98,4 +113,4 @@ def split_parameters(model: nn.Module) -> ParameterSplit:
             layers.append(Layer(name, param, "norm"))
         else:
             auxiliary.append((name, param))
-    return ParameterSplit(tuple(layers), tuple(auxiliary))
+    return ParameterSplit(tuple(layers), tuple(auxiliary), tuple(pinned))
