@@ -90,7 +90,8 @@ def test_linear_fuzz(data, shape, out_features, bits):
     out = LinearFunction.apply(x, w, b, Quantize(bits, 16))
     ref = F.linear(x, w, b)
     assert out.dtype == x.dtype and out.shape == ref.shape
-    torch.testing.assert_close(out, ref, rtol=0, atol=0)  # forward is exact
+    # Forward is F.linear itself; grad mode may pick another kernel, so allow a few ulps of the summed terms.
+    _within(out, ref, 8 * _eps(x.dtype) * (x.detach().double().abs() @ w.detach().double().abs().t() + b.abs()))
     dx, dw, db = _grads(out, g, x, w, b)
     rdx, rdw, rdb = _grads(ref, g, x, w, b)
     for ours, theirs in ((dx, rdx), (dw, rdw), (db, rdb)):
@@ -139,8 +140,11 @@ def test_layer_norm_fuzz(data, shape, setting, trainable):
     # dx error bound: the normalised output is kept to within one quantization step (Quantize) or only its
     # largest entries (TopK); either way |x_hat_kept - x_hat| <= ||x_hat|| = sqrt(n) per row, so the error
     # of dx per row is bounded by a few ||w * g|| * rstd. Compare relative to the exact gradient's scale.
-    if isinstance(setting, TopK) and setting.keep == 1.0 and dtype == torch.float32:
-        torch.testing.assert_close(dx, rdx, rtol=1e-3, atol=1e-3 * float(rdx.abs().max().nan_to_num(0)))
+    # The natural scale of dx is |w * g| * rstd (dx itself can cancel to almost nothing, e.g. rows of two).
+    rstd = (x.detach().double().var(-1, unbiased=False, keepdim=True) + 1e-5).rsqrt()
+    natural = float((w.detach().double() * g.double() * rstd).abs().max())
+    if isinstance(setting, TopK) and setting.keep == 1.0 and dtype == torch.float32 and math.isfinite(natural):
+        torch.testing.assert_close(dx, rdx, rtol=1e-3, atol=1e-4 * natural)
     elif isinstance(setting, Quantize) and setting.bits == 8 and dtype == torch.float32 and torch.isfinite(rdx).all():
         err = float((dx.double() - rdx.double()).norm())
         scale = float(rdx.double().norm()) + float((w.detach().double() * g.double()).norm()) * 1e-2
