@@ -152,10 +152,8 @@ namespace slimfit {
 // Columns addressed by one uint16 sparse index (reference._INDEX_BLOCK).
 constexpr int64_t kIndexBlock = 65536;
 
-// Total order used by sparsify (reference._magnitude_key, ties to the lower column): larger key ranks first.
-SF_HD uint64_t rank_key(float v, int64_t column) {
-  return (static_cast<uint64_t>(float_bits(v) & 0x7FFFFFFFU) << 32) | (0xFFFFFFFFU - static_cast<uint32_t>(column));
-}
+// Magnitude order used by sparsify (reference._magnitude_key): float bits without the sign, NaN above Inf.
+SF_HD uint32_t magnitude_key(float v) { return float_bits(v) & 0x7FFFFFFFU; }
 
 }  // namespace slimfit
 

@@ -20,20 +20,25 @@ void sparsify_kernel(const scalar_t* x, int64_t rows, int64_t n, int64_t k, scal
                      int32_t* block_offsets, int64_t num_blocks) {
   const int64_t grain = std::max<int64_t>(1, kGrainElements / n);
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-    std::vector<uint64_t> keys(static_cast<size_t>(n));
+    std::vector<uint32_t> keys(static_cast<size_t>(n));
     for (int64_t r = r0; r < r1; ++r) {
       const scalar_t* row = x + r * n;
-      for (int64_t j = 0; j < n; ++j) keys[j] = rank_key(static_cast<float>(row[j]), j);
-      // The k-th largest key is the threshold; keys are unique, so exactly k entries reach it.
-      std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end(), std::greater<uint64_t>());
-      const uint64_t threshold = keys[k - 1];
+      for (int64_t j = 0; j < n; ++j) keys[j] = magnitude_key(static_cast<float>(row[j]));
+      // T is the k-th largest key: everything above T is kept, then the lowest columns whose key equals T.
+      std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end(), std::greater<uint32_t>());
+      const uint32_t threshold = keys[k - 1];
+      // nth_element leaves every key above T in front of position k - 1.
+      int64_t equal_left =
+          k - std::count_if(keys.begin(), keys.begin() + (k - 1), [&](uint32_t key) { return key > threshold; });
       scalar_t* v = values + r * k;
       int16_t* idx = indices + r * k;
       int32_t* blocks = block_offsets + r * num_blocks;
       int64_t c = 0;
       for (int64_t j = 0; j < n; ++j) {
         if (num_blocks && j % kIndexBlock == 0) blocks[j / kIndexBlock] = static_cast<int32_t>(c);
-        if (rank_key(static_cast<float>(row[j]), j) >= threshold) {
+        const uint32_t key = magnitude_key(static_cast<float>(row[j]));
+        if (key > threshold || (key == threshold && equal_left > 0)) {
+          equal_left -= key == threshold;
           v[c] = row[j];
           idx[c] = static_cast<int16_t>(static_cast<uint16_t>(j & (kIndexBlock - 1)));
           ++c;
@@ -74,7 +79,8 @@ at::Tensor densify_cpu(const at::Tensor& values_in, const at::Tensor& indices_in
   TORCH_CHECK(offsets_in.scalar_type() == at::kInt && offsets_in.dim() == 2 && offsets_in.size(0) == rows &&
                   offsets_in.size(1) == num_blocks,
               "slimfit::densify: block_offsets must be int32 [rows, ", num_blocks, "]");
-  const at::Tensor values = values_in.contiguous(), indices = indices_in.contiguous(), offsets = offsets_in.contiguous();
+  const at::Tensor values = values_in.contiguous(), indices = indices_in.contiguous();
+  const at::Tensor offsets = offsets_in.contiguous();
   auto out = at::empty(shape, values.options());
   if (out.numel() == 0) return out;
   const int16_t* idx = indices.data_ptr<int16_t>();

@@ -11,8 +11,6 @@
 namespace slimfit {
 namespace {
 
-__device__ __forceinline__ uint32_t magnitude_key(float v) { return float_bits(v) & 0x7FFFFFFFU; }
-
 // Exclusive prefix sum of `v` over the block (warp shuffles, then one warp over the warp totals);
 // `total` receives the block's sum. Every thread of the block must call it.
 __device__ int block_exclusive_scan(int v, int* warp_sums, int& total) {
@@ -160,7 +158,8 @@ at::Tensor densify_cuda(const at::Tensor& values_in, const at::Tensor& indices_i
                   offsets_in.size(1) == num_blocks,
               "slimfit::densify: block_offsets must be int32 [rows, ", num_blocks, "]");
   const c10::cuda::CUDAGuard guard(values_in.device());
-  const at::Tensor values = values_in.contiguous(), indices = indices_in.contiguous(), offsets = offsets_in.contiguous();
+  const at::Tensor values = values_in.contiguous(), indices = indices_in.contiguous();
+  const at::Tensor offsets = offsets_in.contiguous();
   auto out = at::zeros(shape, values.options());
   if (rows * k == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "slimfit_densify_cuda", [&] {
