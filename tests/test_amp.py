@@ -25,6 +25,15 @@ STEPS = 70
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy machine their spinning costs several times."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_bert(seed: int = 0) -> transformers.BertForSequenceClassification:
     torch.manual_seed(seed)
     config = transformers.BertConfig(

@@ -23,6 +23,15 @@ from slimfit.core import SlimFit
 VOCAB, SEQ = 40, 8
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy machine their spinning costs several times."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_bert(seed: int = 0) -> transformers.BertForSequenceClassification:
     torch.manual_seed(seed)
     config = transformers.BertConfig(
