@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -77,9 +76,6 @@ class SlimFit:
             (always) or stay frozen (always).
         seed: seed of the warm-up order; ``None`` uses ``torch.initial_seed()``, so runs are reproducible
             under ``torch.manual_seed``.
-        always_train: names (as in ``model.named_parameters()``) of parameters that train at every step and are
-            not scheduled, typically a freshly initialised task head such as ``classifier.weight``: scheduling
-            it would leave the head untrained for most steps while the pretrained body adapts to it.
 
     Under ``torch.distributed`` (world size > 1) every rank must construct SlimFit and call :meth:`step`
     together: rank 0's seed and scores decide, so all ranks train the same layers even when their RNGs
@@ -100,7 +96,6 @@ class SlimFit:
         compression: CompressionPolicy | str | None = DEFAULT_POLICY,
         train_biases: bool = True,
         seed: int | None = None,
-        always_train: Collection[str] = (),
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -129,18 +124,14 @@ class SlimFit:
         self.train_biases = train_biases
         self.stats = SlimFitStats()
 
-        if isinstance(always_train, str):
-            raise ValueError(f"always_train must be a collection of parameter names, got the string {always_train!r}")
-        split = split_parameters(self.model, frozenset(always_train))
+        split = split_parameters(self.model)
         if not split.layers:
             raise ValueError(
                 f"model ({type(self.model).__name__}) has no candidate layers: SlimFit schedules parameters that "
                 "require grad and have more than one dimension or are normalisation weights"
             )
-        trained = (
-            [(layer.name, layer.param) for layer in split.layers]
-            + list(split.pinned)
-            + (list(split.auxiliary) if train_biases else [])
+        trained = [(layer.name, layer.param) for layer in split.layers] + (
+            list(split.auxiliary) if train_biases else []
         )
         _check_optimizer_holds(optimizer, trained)
         self.layers: tuple[Layer, ...] = split.layers

@@ -11,7 +11,6 @@ stays frozen and is not scheduled.
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +40,6 @@ class ParameterSplit:
 
     layers: tuple[Layer, ...]
     auxiliary: tuple[tuple[str, nn.Parameter], ...]
-    pinned: tuple[tuple[str, nn.Parameter], ...] = ()  # named in ``always_train``: train every step
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -79,20 +77,11 @@ def is_norm_module(module: nn.Module) -> bool:
     return isinstance(module, _NORM_TYPES) or type(module).__name__.endswith("Norm")
 
 
-def split_parameters(model: nn.Module, always_train: Collection[str] = ()) -> ParameterSplit:
+def split_parameters(model: nn.Module) -> ParameterSplit:
     """Split the parameters of ``model`` that require grad into layers and auxiliary parameters.
 
-    Parameters named in ``always_train`` (e.g. a freshly initialised classification head) are neither: they are
-    returned as ``pinned`` and never scheduled. Tied parameters (e.g. an MLM decoder sharing the word
-    embeddings) appear once, under their first name.
+    Tied parameters (e.g. an MLM decoder sharing the word embeddings) appear once, under their first name.
     """
-    names = {name for name, _ in model.named_parameters()}
-    unknown = sorted(set(always_train) - names)
-    if unknown:
-        raise ValueError(
-            f"always_train names {len(unknown)} parameter(s) the model does not have: {unknown[:5]}; "
-            "use names from model.named_parameters()"
-        )
     norm_weights = {
         id(module.weight)
         for module in model.modules()
@@ -100,12 +89,8 @@ def split_parameters(model: nn.Module, always_train: Collection[str] = ()) -> Pa
     }
     layers: list[Layer] = []
     auxiliary: list[tuple[str, nn.Parameter]] = []
-    pinned: list[tuple[str, nn.Parameter]] = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
-            continue
-        if name in always_train:
-            pinned.append((name, param))
             continue
         if param.dim() > 1:
             layers.append(Layer(name, param, "weight"))
@@ -113,4 +98,4 @@ def split_parameters(model: nn.Module, always_train: Collection[str] = ()) -> Pa
             layers.append(Layer(name, param, "norm"))
         else:
             auxiliary.append((name, param))
-    return ParameterSplit(tuple(layers), tuple(auxiliary), tuple(pinned))
+    return ParameterSplit(tuple(layers), tuple(auxiliary))

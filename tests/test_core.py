@@ -309,23 +309,6 @@ def test_train_biases_false_freezes_auxiliary_parameters():
             SlimFit(model, layers_only, freeze_ratio=0.5, train_biases=False, compression=None)
 
 
-def test_always_train_parameters_train_every_step_and_are_not_scheduled():
-    model = tiny_bert()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    head = ["classifier.weight"]
-    sf = SlimFit(model, opt, freeze_ratio=0.9, always_train=head, compression=None)
-    assert "classifier.weight" not in sf.layer_names
-    before = model.classifier.weight.detach().clone()
-    _, sets = train(model, opt, sf, batches(4))
-    assert model.classifier.weight.requires_grad
-    assert not torch.equal(before, model.classifier.weight)  # it moved at every step, not only when scheduled
-    assert all(len(s) == sf.num_trainable for s in sets)
-    with pytest.raises(ValueError, match="does not have: \\['classifier.wieght'\\]"):
-        SlimFit(tiny_bert(), opt, always_train=["classifier.wieght"], compression=None)
-    with pytest.raises(ValueError, match="collection of parameter names"):
-        SlimFit(tiny_bert(), opt, always_train="classifier.weight", compression=None)
-
-
 @pytest.mark.parametrize("make_opt", [torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD])
 def test_trains_only_scheduled_layers_with_common_optimizers(make_opt):
     model = tiny_bert()
