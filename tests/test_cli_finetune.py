@@ -136,6 +136,7 @@ def test_exit_status_from_the_console(assets, tmp_path):
         capture_output=True,
         text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        cwd=tmp_path,  # not the repo root, whose slimfit/ would shadow the installed package
     )
     assert process.returncode == 2
     assert process.stderr.strip().splitlines() == [

@@ -13,12 +13,20 @@ import slimfit
 from slimfit import _extension, reference
 
 REPO = Path(__file__).resolve().parents[1]
+# Subprocesses start here, not in the repo root: `python -m` / `-c` put the working directory first on sys.path,
+# and the source tree's slimfit/ (no compiled _C after a non-editable install) would shadow the installed one.
+NEUTRAL_CWD = Path(__file__).resolve().parent
 needs_extension = pytest.mark.skipif(not _extension.STATUS.loaded, reason="compiled extension not loaded")
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, check=False
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        cwd=NEUTRAL_CWD,
+        check=False,
     )
 
 
@@ -28,6 +36,7 @@ def info_json(**env: str) -> dict:
         capture_output=True,
         text=True,
         env={**os.environ, **env},
+        cwd=NEUTRAL_CWD,
         check=True,
     )
     return json.loads(proc.stdout)
