@@ -151,7 +151,7 @@ class SlimFit:
         self._trainable: list[int] = []
         self._apply_trainable(self.scheduler.trainable)
 
-        self._snapshot: tuple[list[int], list[torch.Tensor]] | None = None
+        self._snapshot: tuple[list[int], list[torch.Tensor], list[float]] | None = None
         self._stepped = False
         self._warned_missing_step = False
         self._hooks = [
@@ -186,8 +186,14 @@ class SlimFit:
         indices: list[int] = []
         scores = torch.empty(0)
         if snapshot is not None:
-            indices, before = snapshot
-            scores = self._score(indices, before)
+            indices, before, rates = snapshot
+            # A layer moves in proportion to its learning rate; dividing the rate out keeps scores taken under a
+            # warm-up or decay schedule comparable, so layers first scored at a tiny rate are not starved for the
+            # rest of the run. A zero rate moved nothing and tells nothing: those layers keep their old score.
+            moved = [k for k, rate in enumerate(rates) if rate > 0.0]
+            indices, before = [indices[k] for k in moved], [before[k] for k in moved]
+            scores = self._score(indices, before) if indices else scores
+            scores = scores / torch.tensor([rates[k] for k in moved], dtype=scores.dtype, device=scores.device)
             if is_distributed():
                 # Ranks hold identical weights, but a one-ulp difference in a score could still flip a tie
                 # and split the trainable sets; rank 0's scores decide for everyone.
@@ -233,7 +239,11 @@ class SlimFit:
         # covers the whole change. With K == N there is nothing to choose, so nothing to copy.
         if self._snapshot is None and self.num_trainable < len(self.layers):
             indices = list(self._trainable)
-            self._snapshot = (indices, [self.layers[i].param.detach().clone() for i in indices])
+            rate_of = {
+                id(p): float(group.get("lr", 0.0)) for group in self.optimizer.param_groups for p in group["params"]
+            }
+            rates = [rate_of.get(id(self.layers[i].param), 0.0) for i in indices]
+            self._snapshot = (indices, [self.layers[i].param.detach().clone() for i in indices], rates)
 
     def _apply_trainable(self, trainable: list[int]) -> None:
         old, new = set(self._trainable), set(trainable)

@@ -309,6 +309,26 @@ def test_train_biases_false_freezes_auxiliary_parameters():
             SlimFit(model, layers_only, freeze_ratio=0.5, train_biases=False, compression=None)
 
 
+def test_scores_divide_out_each_layers_learning_rate():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
+    rates = [0.1, 0.01, 0.0]
+    groups = [{"params": list(m.parameters()), "lr": lr} for m, lr in zip(model, rates, strict=True)]
+    opt = torch.optim.SGD(groups)
+    sf = SlimFit(model, opt, freeze_ratio=0.4, compression=None)  # 2 of the 3 weights train per step
+    for _ in range(2):  # the warm-up trains every weight at least once
+        for name in sf.trainable_layers():
+            p = model.get_parameter(name)
+            p.grad = p.detach().clone()  # SGD then moves W by exactly lr * W: rel_l2 = lr before dividing
+        opt.step()
+        sf.step()
+    for i, rate in enumerate(rates):
+        if rate > 0:
+            assert sf.scheduler.scores[i].item() == pytest.approx(1.0, rel=1e-5)
+        else:  # a zero learning rate moved nothing: no score recorded, the layer stays pending
+            assert not sf.scheduler.scored[i]
+
+
 @pytest.mark.parametrize("make_opt", [torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD])
 def test_trains_only_scheduled_layers_with_common_optimizers(make_opt):
     model = tiny_bert()
