@@ -142,3 +142,50 @@ def test_fsdp2_is_refused_with_a_clear_error(tmp_path):
     mp.start_processes(fsdp_worker, args=(free_port(), str(out)), nprocs=1, start_method="spawn")
     message = out.read_text()
     assert "FSDP2" in message and "fully_shard" in message, message
+
+
+def train_slimfit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[list[str]]:
+    """SlimFit's README loop with plain SGD; returns the trainable set of every step."""
+    import slimfit
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sf = slimfit.SlimFit(model, opt, freeze_ratio=0.4, compression=None, seed=5)
+    sets = []
+    for step in range(STEPS):
+        sets.append(sf.trainable_layers())
+        torch.nn.functional.cross_entropy(model(x[step]), y[step]).backward()
+        opt.step()
+        sf.step()
+        opt.zero_grad()
+    return sets
+
+
+def slimfit_ddp_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        model = make_model()
+        ddp = DistributedDataParallel(model, find_unused_parameters=True)
+        register_trainable_only_hook(ddp)
+        torch.manual_seed(100 + rank)  # ranks' RNGs differ on purpose
+        x, y = make_data()
+        local = slice(rank * 2, rank * 2 + 2)
+        sets = train_slimfit(ddp, x[:, local], y[:, local])
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        torch.save({"sets": sets, "weights": weights}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_slimfit_under_ddp_matches_one_process_with_the_global_batch(tmp_path):
+    out = str(tmp_path / "slimfit")
+    mp.start_processes(slimfit_ddp_worker, args=(free_port(), out), nprocs=WORLD, start_method="spawn")
+    ranks = [torch.load(f"{out}.{r}") for r in range(WORLD)]
+    single = make_model()
+    x, y = make_data()
+    sets = train_slimfit(single, x, y)
+    assert ranks[0]["sets"] == ranks[1]["sets"] == sets
+    assert len({tuple(s) for s in sets}) > 1
+    for name, p in single.named_parameters():
+        torch.testing.assert_close(ranks[0]["weights"][name], ranks[1]["weights"][name], rtol=0, atol=0)
+        torch.testing.assert_close(ranks[0]["weights"][name], p.detach(), rtol=1e-5, atol=1e-6)
