@@ -30,28 +30,29 @@ def broadcast_indices(indices: list[int], src: int = 0) -> list[int]:
     return list(payload[0])
 
 
+def _completed(buffer: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
+    done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    done.set_result(buffer)
+    return done
+
+
 def _trainable_only_allreduce(
     group: dist.ProcessGroup | None, bucket: dist.GradBucket
 ) -> torch.futures.Future[torch.Tensor]:
     buffer = bucket.buffer()
     live = [g for p, g in zip(bucket.parameters(), bucket.gradients(), strict=True) if p.requires_grad]
     if not live:
-        done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-        done.set_result(buffer)
-        return done
+        return _completed(buffer)
     flat = torch.cat([g.reshape(-1) for g in live])
     flat.div_(dist.get_world_size(group))
-    work = dist.all_reduce(flat, group=group, async_op=True)
-
-    def scatter_back(fut: torch.futures.Future) -> torch.Tensor:
-        reduced = fut.value()[0]
-        start = 0
-        for g in live:
-            g.copy_(reduced[start : start + g.numel()].view_as(g))
-            start += g.numel()
-        return buffer
-
-    return work.get_future().then(scatter_back)
+    # Blocking on purpose: a Python `.then` callback on the collective's future is released on gloo's worker
+    # thread, which then needs the GIL while process-group teardown joins that thread holding it (deadlock).
+    dist.all_reduce(flat, group=group)
+    start = 0
+    for g in live:
+        g.copy_(flat[start : start + g.numel()].view_as(g))
+        start += g.numel()
+    return _completed(buffer)
 
 
 def register_trainable_only_hook(model: DistributedDataParallel, group: dist.ProcessGroup | None = None) -> None:

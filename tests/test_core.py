@@ -1,6 +1,7 @@
 """The SlimFit facade on a tiny BERT: learning, exact resume, argument checks, remove() and DDP."""
 
 import copy
+import datetime
 import warnings
 
 import numpy as np
@@ -500,7 +501,7 @@ def _two_rank_worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(minutes=2))
     try:
         model = tiny_bert()
         ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
@@ -511,6 +512,10 @@ def _two_rank_worker(rank: int, port: int, out: str) -> None:
             slimfit.core.ops.update_norms = lambda before, after, metric: torch.rand(len(before))
         _, sets = train(ddp, opt, sf, [{k: v[rank::2] for k, v in b.items()} for b in batches(6)])
         torch.save({"sets": sets, "weights": {n: p.detach() for n, p in model.named_parameters()}}, f"{out}.{rank}")
+        # Skip interpreter teardown: destroying DDP's reducer can deadlock gloo (intermittent torch issue).
+        dist.barrier()
+        dist.destroy_process_group()
+        os._exit(0)
     finally:
         dist.destroy_process_group()
 

@@ -1,5 +1,6 @@
 """Two-process DDP on gloo: frozen layers cost no gradient traffic and training matches one process."""
 
+import datetime
 import os
 import socket
 import subprocess
@@ -15,7 +16,18 @@ from torch.nn.parallel import DistributedDataParallel
 from slimfit.distributed import broadcast_indices, register_trainable_only_hook
 
 WORLD = 2
+# A rank that never arrives (e.g. a port taken between free_port() and bind) fails fast instead of hanging.
+GROUP_TIMEOUT = datetime.timedelta(minutes=2)
 STEPS = 4
+
+
+def exit_without_teardown() -> None:
+    """End a worker once its results are saved. Destroying DDP's reducer can deadlock gloo's teardown (its
+    destructor joins gloo's worker thread while holding the GIL that thread is waiting for), an intermittent
+    torch issue unrelated to what these tests check."""
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
 
 
 def free_port() -> int:
@@ -51,7 +63,7 @@ def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[
 
 def ddp_worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=GROUP_TIMEOUT)
     try:
         torch.manual_seed(100 + rank)  # ranks' RNGs differ on purpose
         assert broadcast_indices([rank, 7]) == [0, 7]
@@ -63,6 +75,7 @@ def ddp_worker(rank: int, port: int, out: str) -> None:
         local = slice(rank * 2, rank * 2 + 2)
         train(ddp, x[:, local], y[:, local], names)
         torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, f"{out}.{rank}")
+        exit_without_teardown()
     finally:
         dist.destroy_process_group()
 
@@ -118,7 +131,7 @@ def test_slimfit_under_accelerate_launch_agrees_across_ranks(tmp_path):
 
 def fsdp_worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=1)
+    dist.init_process_group("gloo", rank=rank, world_size=1, timeout=GROUP_TIMEOUT)
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -162,7 +175,7 @@ def train_slimfit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> l
 
 def slimfit_ddp_worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=GROUP_TIMEOUT)
     try:
         model = make_model()
         ddp = DistributedDataParallel(model, find_unused_parameters=True)
@@ -173,6 +186,7 @@ def slimfit_ddp_worker(rank: int, port: int, out: str) -> None:
         sets = train_slimfit(ddp, x[:, local], y[:, local])
         weights = {n: p.detach().clone() for n, p in model.named_parameters()}
         torch.save({"sets": sets, "weights": weights}, f"{out}.{rank}")
+        exit_without_teardown()
     finally:
         dist.destroy_process_group()
 
