@@ -14,38 +14,16 @@ import warnings
 
 import pytest
 import torch
-import transformers
+from tiny_bert import SEQ, VOCAB, tiny_classifier
 
 from slimfit import ops
 from slimfit.codecs import QuantizedTensor, SparseTensor
 from slimfit.core import SlimFit
 
-VOCAB, SEQ = 40, 8
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 STEPS = 70
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy machine their spinning costs several times."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_bert(seed: int = 0) -> transformers.BertForSequenceClassification:
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=SEQ,
-        num_labels=2,
-    )
-    return transformers.BertForSequenceClassification(config)
 
 
 def batches(n: int, device: str, batch_size: int = 16, seed: int = 1) -> list[dict[str, torch.Tensor]]:
@@ -66,7 +44,7 @@ def train(
     device: str, dtype: torch.dtype | None, steps: int, scaler: torch.amp.GradScaler | None = None
 ) -> tuple[list[float], float, SlimFit]:
     """SlimFit (default compression, freeze_ratio 0.5) on the task; returns losses, held-out accuracy, facade."""
-    model = tiny_bert().to(device)
+    model = tiny_classifier().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     sf = SlimFit(model, opt, freeze_ratio=0.5)
     losses = []
@@ -148,7 +126,7 @@ def _record_codecs(monkeypatch) -> list[tuple[str, torch.dtype, object]]:
 @pytest.mark.parametrize("device", DEVICES)
 def test_compressed_activations_follow_the_autocast_dtype(device, monkeypatch):
     records = _record_codecs(monkeypatch)
-    model = tiny_bert().to(device)
+    model = tiny_classifier().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     SlimFit(model, opt, freeze_ratio=0.0)  # everything trains: every site saves something
     batch = batches(1, device, batch_size=4)[0]
@@ -186,7 +164,7 @@ def test_scores_are_float32(param_dtype, monkeypatch):
         return out
 
     monkeypatch.setattr(ops, "update_norms", spy)
-    model = tiny_bert().to(param_dtype)
+    model = tiny_classifier().to(param_dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sf = SlimFit(model, opt, freeze_ratio=0.5)
     for batch in batches(3, "cpu", batch_size=8):
@@ -205,7 +183,7 @@ def test_scores_are_float32(param_dtype, monkeypatch):
 def test_grad_scaler_skipped_step_is_not_scored():
     """An overflowing fp16 step is skipped by GradScaler: SlimFit counts it as skipped (not scored), keeps the
     trainable set and warns about nothing; the following steps are scored normally."""
-    model = tiny_bert()
+    model = tiny_classifier()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     sf = SlimFit(model, opt, freeze_ratio=0.5)
     # 2**40 overflows the fp16 gradients of the first backward; one back-off lands on 2**10.

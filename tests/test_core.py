@@ -8,27 +8,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from tiny_bert import SEQ, VOCAB, tiny_classifier
 from torch import nn
 
 import slimfit
 from slimfit.core import SlimFit
 from slimfit.policy import DEFAULT_POLICY, CompressionPolicy, Quantize
-
-VOCAB, SEQ = 40, 8
-
-
-def tiny_bert(seed: int = 0) -> transformers.BertForSequenceClassification:
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=SEQ,
-        num_labels=2,
-    )
-    return transformers.BertForSequenceClassification(config)
 
 
 def batches(n: int, batch_size: int = 32, seed: int = 1) -> list[dict[str, torch.Tensor]]:
@@ -83,7 +68,7 @@ def test_bert_base_has_102_layers_and_k_trainable():
 
 
 def test_k_bounds_all_trainable_and_at_least_one():
-    model = tiny_bert()
+    model = tiny_classifier()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sf = SlimFit(model, opt, freeze_ratio=0.0, compression=None)
     assert sf.num_trainable == len(sf.layers)
@@ -113,7 +98,7 @@ def test_tied_weights_are_one_layer():
 
 @pytest.mark.parametrize("compression", [None, DEFAULT_POLICY], ids=["freeze-only", "compressed"])
 def test_tiny_bert_learns_at_freeze_ratio_half(compression):
-    model = tiny_bert()
+    model = tiny_classifier()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     sf = SlimFit(model, opt, freeze_ratio=0.5, compression=compression)
     losses, sets = train(model, opt, sf, batches(80))
@@ -130,7 +115,7 @@ def test_state_dict_round_trip_reproduces_uninterrupted_run(optimizer_state, com
     data = batches(24)
 
     def fresh():
-        model = tiny_bert()
+        model = tiny_classifier()
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         sf = SlimFit(model, opt, freeze_ratio=0.5, optimizer_state=optimizer_state, compression=compression)
         return model, opt, sf
@@ -165,7 +150,7 @@ def test_state_dict_round_trip_reproduces_uninterrupted_run(optimizer_state, com
 def test_load_order_slimfit_then_optimizer_also_reproduces():
     data = batches(12)
     torch.manual_seed(3)
-    model = tiny_bert()
+    model = tiny_classifier()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     sf = SlimFit(model, opt, freeze_ratio=0.5, optimizer_state="drop", compression=None)
     train(model, opt, sf, data[:6])
@@ -174,7 +159,7 @@ def test_load_order_slimfit_then_optimizer_also_reproduces():
     )
     ref_losses, ref_sets = train(model, opt, sf, data[6:])
 
-    model = tiny_bert(seed=5)
+    model = tiny_classifier(seed=5)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     sf = SlimFit(model, opt, freeze_ratio=0.5, optimizer_state="drop", compression=None)
     model.load_state_dict(checkpoint["model"])
@@ -185,36 +170,36 @@ def test_load_order_slimfit_then_optimizer_also_reproduces():
 
 
 def test_load_state_dict_rejects_other_model_or_freeze_ratio():
-    model = tiny_bert()
+    model = tiny_classifier()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     state = SlimFit(model, opt, freeze_ratio=0.5, compression=None).state_dict()
 
-    other = tiny_bert()
+    other = tiny_classifier()
     other.classifier = nn.Linear(32, 3)
     opt = torch.optim.SGD(other.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="different model"):
         SlimFit(other, opt, freeze_ratio=0.5, compression=None).load_state_dict(state)
 
-    renamed = nn.ModuleDict({"wrapped": tiny_bert()})
+    renamed = nn.ModuleDict({"wrapped": tiny_classifier()})
     opt = torch.optim.SGD(renamed.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="first difference"):
         SlimFit(renamed, opt, freeze_ratio=0.5, compression=None).load_state_dict(state)
 
-    model = tiny_bert()
+    model = tiny_classifier()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="freeze_ratio=0.5"):
         SlimFit(model, opt, freeze_ratio=0.75, compression=None).load_state_dict(state)
 
 
 def test_numpy_freeze_ratio_accepted():
-    model = tiny_bert()
+    model = tiny_classifier()
     sf = SlimFit(model, torch.optim.SGD(model.parameters(), lr=0.1), freeze_ratio=np.float32(0.5), compression=None)
     assert sf.num_trainable == 11 and isinstance(sf.freeze_ratio, float)
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.0, 1.5, float("nan"), "0.9", None, True])
 def test_bad_freeze_ratio(value):
-    model = tiny_bert()
+    model = tiny_classifier()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match=r"freeze_ratio must be a number in \[0, 1\), got"):
         SlimFit(model, opt, freeze_ratio=value, compression=None)
@@ -230,7 +215,7 @@ def test_bad_freeze_ratio(value):
     ],
 )
 def test_bad_options(kwargs, match):
-    model = tiny_bert()
+    model = tiny_classifier()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match=match):
         SlimFit(model, opt, compression=None, **kwargs)
@@ -249,8 +234,8 @@ def test_model_without_candidate_layers():
 
 
 def test_optimizer_must_hold_the_models_parameters():
-    model = tiny_bert()
-    unrelated = torch.optim.SGD(tiny_bert().parameters(), lr=0.1)
+    model = tiny_classifier()
+    unrelated = torch.optim.SGD(tiny_classifier().parameters(), lr=0.1)
     with pytest.raises(ValueError, match="optimizer does not hold"):
         SlimFit(model, unrelated, compression=None)
     partial = torch.optim.SGD(model.classifier.parameters(), lr=0.1)
@@ -273,7 +258,7 @@ def test_wrapped_optimizer_is_unwrapped():
         def zero_grad(self):
             self.optimizer.zero_grad()
 
-    model = tiny_bert()
+    model = tiny_classifier()
     inner = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sf = SlimFit(model, Wrapper(inner), freeze_ratio=0.5, compression=None)
     assert sf.optimizer is inner
@@ -282,7 +267,7 @@ def test_wrapped_optimizer_is_unwrapped():
 
 
 def test_user_frozen_parameters_are_not_scheduled():
-    model = tiny_bert()
+    model = tiny_classifier()
     model.bert.embeddings.requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     sf = SlimFit(model, opt, freeze_ratio=0.5, compression=None)
@@ -292,7 +277,7 @@ def test_user_frozen_parameters_are_not_scheduled():
 
 
 def test_train_biases_false_freezes_auxiliary_parameters():
-    model = tiny_bert()
+    model = tiny_classifier()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sf = SlimFit(model, opt, freeze_ratio=0.5, train_biases=False, compression=None)
     train(model, opt, sf, batches(3))
@@ -301,7 +286,7 @@ def test_train_biases_false_freezes_auxiliary_parameters():
     assert sum(p.requires_grad for p in model.parameters()) == sf.num_trainable
     # The biases then need not be in the optimizer at all.
     for train_biases in (False, True):
-        model = tiny_bert()
+        model = tiny_classifier()
         layers_only = torch.optim.AdamW([model.get_parameter(name) for name in sf.layer_names], lr=1e-3)
         if train_biases:
             with pytest.raises(ValueError, match="bias"):
@@ -332,7 +317,7 @@ def test_scores_divide_out_each_layers_learning_rate():
 
 @pytest.mark.parametrize("make_opt", [torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD])
 def test_trains_only_scheduled_layers_with_common_optimizers(make_opt):
-    model = tiny_bert()
+    model = tiny_classifier()
     opt = make_opt(model.parameters(), lr=1e-2)
     sf = SlimFit(model, opt, freeze_ratio=0.5, compression=None)
     for batch in batches(4):
@@ -349,7 +334,7 @@ def test_trains_only_scheduled_layers_with_common_optimizers(make_opt):
 
 def test_stale_gradient_of_a_frozen_layer_is_cleared():
     """With zero_grad(set_to_none=False) a frozen layer would keep a gradient and drift with momentum."""
-    model = tiny_bert()
+    model = tiny_classifier()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
     sf = SlimFit(model, opt, freeze_ratio=0.5, compression=None)
     for batch in batches(4):
@@ -362,7 +347,7 @@ def test_stale_gradient_of_a_frozen_layer_is_cleared():
 
 
 def test_skipped_optimizer_step_keeps_the_trainable_set():
-    model = tiny_bert()
+    model = tiny_classifier()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sf = SlimFit(model, opt, freeze_ratio=0.5, compression=None)
     before = sf.trainable_layers()
@@ -374,7 +359,7 @@ def test_skipped_optimizer_step_keeps_the_trainable_set():
 
 
 def test_forgotten_sf_step_warns_once():
-    model = tiny_bert()
+    model = tiny_classifier()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sf = SlimFit(model, opt, freeze_ratio=0.5, compression=None)
     batch = batches(1)[0]
@@ -390,7 +375,7 @@ def test_forgotten_sf_step_warns_once():
 
 
 def test_remove_restores_flags_and_detaches_hooks():
-    model = tiny_bert()
+    model = tiny_classifier()
     model.bert.pooler.requires_grad_(False)
     flags = requires_grad_flags(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -408,7 +393,7 @@ def test_remove_restores_flags_and_detaches_hooks():
 
 
 def test_memory_report_categories():
-    model = tiny_bert()
+    model = tiny_classifier()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sf = SlimFit(model, opt, freeze_ratio=0.5, optimizer_state="drop", compression=None)
     train(model, opt, sf, batches(2))
@@ -425,7 +410,7 @@ def test_memory_report_categories():
 
 
 def test_default_compression_patches_and_remove_restores_modules():
-    model = tiny_bert()
+    model = tiny_classifier()
     classes = {name: type(m) for name, m in model.named_modules()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sf = SlimFit(model, opt, freeze_ratio=0.5)
@@ -438,7 +423,7 @@ def test_default_compression_patches_and_remove_restores_modules():
 
 
 def test_compression_none_leaves_modules_alone():
-    model = tiny_bert()
+    model = tiny_classifier()
     classes = {name: type(m) for name, m in model.named_modules()}
     SlimFit(model, torch.optim.SGD(model.parameters(), lr=0.1), compression=None)
     assert {name: type(m) for name, m in model.named_modules()} == classes
@@ -446,7 +431,7 @@ def test_compression_none_leaves_modules_alone():
 
 @pytest.mark.parametrize("value", ["int8", 8, Quantize(8)])
 def test_bad_compression(value):
-    model = tiny_bert()
+    model = tiny_classifier()
     classes = {name: type(m) for name, m in model.named_modules()}
     with pytest.raises(ValueError, match="compression must be a CompressionPolicy, 'default' or None, got"):
         SlimFit(model, torch.optim.SGD(model.parameters(), lr=0.1), compression=value)
@@ -458,7 +443,7 @@ def test_memory_report_measures_saved_activations_without_touching_the_rng():
     batch = {"input_ids": batches(1)[0]["input_ids"]}
     measured = {}
     for name, compression in [("exact", None), ("compressed", CompressionPolicy())]:
-        model = tiny_bert()
+        model = tiny_classifier()
         sf = SlimFit(
             model, torch.optim.AdamW(model.parameters(), lr=1e-3), freeze_ratio=0.5, compression=compression, seed=0
         )
@@ -475,7 +460,7 @@ def test_ddp_wrapped_model(tmp_path):
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        model = tiny_bert()
+        model = tiny_classifier()
         ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         opt = torch.optim.AdamW(ddp.parameters(), lr=3e-3)
         sf = SlimFit(ddp, opt, freeze_ratio=0.5, compression=None, seed=0)
@@ -486,7 +471,7 @@ def test_ddp_wrapped_model(tmp_path):
     finally:
         dist.destroy_process_group()
     # One process: DDP must train exactly like the bare model.
-    model = tiny_bert()
+    model = tiny_classifier()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     sf = SlimFit(model, opt, freeze_ratio=0.5, compression=None, seed=0)
     torch.manual_seed(0)
@@ -503,7 +488,7 @@ def _two_rank_worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(minutes=2))
     try:
-        model = tiny_bert()
+        model = tiny_classifier()
         ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         opt = torch.optim.AdamW(ddp.parameters(), lr=3e-3)
         torch.manual_seed(100 + rank)  # ranks' RNGs differ: the warm-up order must still agree

@@ -16,34 +16,11 @@ import warnings
 
 import pytest
 import torch
-import transformers
+from tiny_bert import SEQ, VOCAB, tiny_classifier
 
 from slimfit.core import SlimFit
 
-VOCAB, SEQ = 40, 8
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy machine their spinning costs several times."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_bert(seed: int = 0) -> transformers.BertForSequenceClassification:
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=SEQ,
-        num_labels=2,
-    )
-    return transformers.BertForSequenceClassification(config)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batch(seed: int, batch_size: int = 8) -> dict[str, torch.Tensor]:
@@ -74,7 +51,7 @@ def check_schedule_valid(sf: SlimFit) -> None:
 def test_nonfinite_loss_step_is_rejected_scores_and_schedule_kept(bad):
     """An Inf/NaN loss makes every trainable layer's gradient (and, after the step, weight) non-finite; all K
     scores are rejected with one warning, the previous scores stay, and the next set is a valid top-K."""
-    model = tiny_bert()
+    model = tiny_classifier()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sf = SlimFit(model, opt, freeze_ratio=0.5)  # default compression: codecs of non-finite values too
     warm_up(model, opt, sf)
@@ -99,7 +76,7 @@ def test_nonfinite_loss_step_is_rejected_scores_and_schedule_kept(bad):
 
 def test_skipping_the_optimizer_step_on_a_nonfinite_loss_is_counted_as_skipped():
     """The usual guard (``if not torch.isfinite(loss): skip optimizer.step()``) costs no score and no warning."""
-    model = tiny_bert()
+    model = tiny_classifier()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sf = SlimFit(model, opt, freeze_ratio=0.5)
     warm_up(model, opt, sf)
@@ -122,7 +99,7 @@ def test_skipping_the_optimizer_step_on_a_nonfinite_loss_is_counted_as_skipped()
 @pytest.mark.parametrize("metric", ["rel_l2", "rel_l1_mean"])
 def test_zero_valued_weights_in_a_compressed_bert_score_finite(metric):
     """All-zero LayerNorm gamma and Linear weights, and a zeroed embedding table, through compressed modules."""
-    model = tiny_bert()
+    model = tiny_classifier()
     with torch.no_grad():
         model.bert.encoder.layer[0].attention.output.LayerNorm.weight.zero_()
         model.bert.encoder.layer[1].intermediate.dense.weight.zero_()

@@ -9,6 +9,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+# Vocabulary size and sequence length of :func:`tiny_classifier`'s synthetic token tasks.
+VOCAB, SEQ = 40, 8
+
 SPORT = "goal match team player score win league ball coach stadium".split()
 TECH = "computer software chip code data network phone app server robot".split()
 
@@ -53,3 +56,21 @@ def write_csv(path: Path, rows: list[tuple[str, str]], text_column: str = "body"
         writer.writerow(["id", text_column, label_column])
         writer.writerows((i, text, label) for i, (text, label) in enumerate(rows))
     return path
+
+
+def tiny_classifier(seed: int = 0):
+    """A 2-layer, hidden-32 BertForSequenceClassification over ``VOCAB`` tokens and ``SEQ`` positions, 2 labels."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=SEQ,
+        num_labels=2,
+    )
+    return BertForSequenceClassification(config)
