@@ -109,6 +109,7 @@ def run_rows(results: Sequence[RunResult]) -> list[dict[str, Any]]:
             "method": result.method,
             "freeze_ratio": "" if result.freeze_ratio is None else result.freeze_ratio,
             "seed": result.seed,
+            "lr": result.lr,
             "accuracy": result.accuracy,
             "f1": result.f1,
             "steps": result.steps,
@@ -131,6 +132,7 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         group = [row for row in rows if row["label"] == label]
         entry: dict[str, Any] = {"label": label, "method": group[0]["method"], "seeds": len(group)}
         entry["freeze_ratio"] = group[0]["freeze_ratio"]
+        entry["lr"] = group[0]["lr"]
         for key in ("accuracy", "f1"):
             values = np.array([row[key] for row in group], dtype=float)
             entry[key] = float(values.mean())

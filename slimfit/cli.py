@@ -122,6 +122,13 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--batch-size", type=int, default=16, help="examples per step (default: 16)")
     train.add_argument("--lr", type=float, default=5e-5, help="AdamW peak learning rate, linear warm-up/decay (5e-5)")
     train.add_argument("--lora-lr", type=float, default=5e-4, help="learning rate of the lora method (default: 5e-4)")
+    train.add_argument(
+        "--slimfit-lr",
+        type=float,
+        default=2e-4,
+        help="learning rate of the slimfit and freeze-only methods (default: 2e-4): only a tenth of the layers "
+        "train per step at freeze ratio 0.9, and they need a larger rate than full fine-tuning",
+    )
     train.add_argument("--lora-rank", type=int, default=8, help="LoRA rank of the lora method (default: 8)")
     train.add_argument("--seed", type=int, default=0, help="seed of the split, head init and shuffling (default: 0)")
     train.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available")

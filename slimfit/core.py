@@ -62,10 +62,13 @@ class SlimFit:
             uses) holding every parameter of ``model`` that requires grad.
         freeze_ratio: fraction of layers frozen at each step, in ``[0, 1)``;
             ``K = max(1, round((1 - freeze_ratio) * N))`` of the ``N`` layers train.
-        metric: how a layer's update is scored: ``"rel_l2"`` (``||W1 - W0||_2 / ||W0||_2``, robust) or
-            ``"rel_l1_mean"`` (the original SlimFit's ``mean |(W0 - W1) / W0|``, biased toward layers with
-            small weights). On a tiny BERT (3 seeds) ``rel_l2`` reached 0.949 vs 0.932 test accuracy at
-            freeze_ratio 0.8 and 0.876 vs 0.834 at 0.9.
+        metric: how a layer's update is scored: ``"rel_l1_mean"`` (default; the original SlimFit's
+            ``mean |(W1 - W0) / W0|`` with ``|W0|`` floored at 1e-8) or ``"rel_l2"`` (``||W1 - W0||_2 /
+            ||W0||_2``). ``rel_l1_mean`` is dominated by a layer's smallest weights, so a weight initialised to
+            exactly zero keeps a huge score and trains every step; prefer ``rel_l2`` for such models. Measured on
+            MiniLM-L6 / BBC News (freeze-only, 0.9, 2 epochs, seed 0): ``rel_l1_mean`` 93.7 vs 91.0 accuracy at
+            lr 5e-5 and 96.9 vs 94.6 at lr 2e-4; under Adam ``rel_l2`` ranks layers by ``1 / rms(W)`` and keeps
+            training the same few (e.g. the token-type embedding).
         optimizer_state: ``"offload"`` (default), ``"keep"`` or ``"drop"``; see :mod:`slimfit.optim_state`.
             ``"offload"`` keeps the original algorithm's numerics (Adam moments survive a freeze) while only
             the trainable layers' state occupies accelerator memory.
@@ -91,7 +94,7 @@ class SlimFit:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         freeze_ratio: float = 0.9,
-        metric: str = "rel_l2",
+        metric: str = "rel_l1_mean",
         optimizer_state: str = "offload",
         compression: CompressionPolicy | str | None = DEFAULT_POLICY,
         train_biases: bool = True,

@@ -52,11 +52,21 @@ class FinetuneConfig:
     max_length: int = 128
     lr: float = 5e-5
     lora_lr: float = 5e-4
+    slimfit_lr: float | None = 2e-4  # freeze-only and slimfit; None: lr
     lora_rank: int = 8
     warmup_fraction: float = 0.06
     seed: int = 0
     device: str = "auto"
     bf16: bool = False
+
+    @property
+    def method_lr(self) -> float:
+        """The peak learning rate this config's method trains with."""
+        if self.method == "lora":
+            return self.lora_lr
+        if self.method in ("freeze-only", "slimfit") and self.slimfit_lr is not None:
+            return self.slimfit_lr
+        return self.lr
 
 
 @dataclass
@@ -82,6 +92,7 @@ class RunResult:
     method: str
     freeze_ratio: float | None
     seed: int
+    lr: float
     accuracy: float
     f1: float
     memory: dict[str, int]
@@ -117,8 +128,10 @@ def check_config(config: FinetuneConfig) -> None:
             raise DataError(f"--{name.replace('_', '-')}: {getattr(config, name)} must be at least 1")
     if config.max_steps is not None and config.max_steps < 1:
         raise DataError(f"--max-steps: {config.max_steps} must be at least 1")
-    if config.lr <= 0 or config.lora_lr <= 0:
-        raise DataError(f"--lr: {config.lr if config.lr <= 0 else config.lora_lr} must be positive")
+    for name in ("lr", "lora_lr", "slimfit_lr"):
+        value = getattr(config, name)
+        if value is not None and not value > 0:  # NaN fails too
+            raise DataError(f"--{name.replace('_', '-')}: {value} must be positive")
     if config.device not in ("auto", "cpu", "cuda"):
         raise DataError(f"--device: {config.device!r} is not one of auto, cpu, cuda")
     if config.device == "cuda" and not torch.cuda.is_available():
@@ -351,8 +364,7 @@ def run(config: FinetuneConfig, task: Task, progress: bool = True) -> RunResult:
     model = build_model(task, config, device)
     model.train()
     layers = [layer.name for layer in split_parameters(model).layers]
-    lr = config.lora_lr if config.method == "lora" else config.lr
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.method_lr)
     scheduled = None
     if config.method in ("freeze-only", "slimfit"):
         from slimfit.core import SlimFit
@@ -427,6 +439,7 @@ def run(config: FinetuneConfig, task: Task, progress: bool = True) -> RunResult:
         method=config.method,
         freeze_ratio=config.freeze_ratio if scheduled is not None else None,
         seed=config.seed,
+        lr=config.method_lr,
         accuracy=eval_log[-1]["accuracy"],
         f1=eval_log[-1]["f1"],
         memory=report,
