@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,7 +20,7 @@ from tiny_bert import save_tiny_bert, texts, write_csv  # noqa: E402
 
 from slimfit import cli  # noqa: E402
 from slimfit.data import DataError, load_dataset, stratified_split  # noqa: E402
-from slimfit.train import classification_metrics  # noqa: E402
+from slimfit.train import FinetuneConfig, classification_metrics  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -119,6 +120,35 @@ def test_unknown_model_path(assets, tmp_path, capsys):
     argv = finetune(assets, "--output", str(tmp_path / "o"))
     argv[argv.index(str(assets["model"]))] = str(tmp_path / "no-model")
     expect_error(capsys, argv, "--model", "no-model")
+
+
+@pytest.mark.parametrize("option", ["--lr", "--slimfit-lr", "--lora-lr"])
+@pytest.mark.parametrize("value", ["0", "-0.001", "nan"])
+def test_learning_rates_must_be_positive(assets, tmp_path, capsys, option, value):
+    expect_error(capsys, finetune(assets, option, value, "--output", str(tmp_path / "o")), option, value)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [("full", 1e-5), ("grad-ckpt", 1e-5), ("slimfit", 3e-4), ("freeze-only", 3e-4), ("lora", 7e-4)],
+)
+def test_each_method_trains_at_its_learning_rate(method, expected):
+    config = FinetuneConfig(method=method, lr=1e-5, slimfit_lr=3e-4, lora_lr=7e-4)
+    assert config.method_lr == expected
+    assert dataclasses.replace(config, slimfit_lr=None).method_lr == (7e-4 if method == "lora" else 1e-5)
+
+
+def test_slimfit_run_logs_its_learning_rate(assets, tmp_path):
+    output = tmp_path / "run"
+    argv = finetune(assets, "--lr", "1e-5", "--slimfit-lr", "3e-4", "--max-steps", "2", "--output", str(output))
+    assert cli.main(argv) == 0
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["config"]["slimfit_lr"] == 3e-4
+    with (output / "steps.csv").open() as handle:
+        rates = [float(row["lr"]) for row in csv.DictReader(handle)]
+    # Linear warm-up over 6% of 2 steps rounds to none: the peak rate, then linear decay to zero.
+    assert rates == pytest.approx([1.5e-4, 0.0])
 
 
 def test_existing_output_is_left_untouched(assets, tmp_path, capsys):
