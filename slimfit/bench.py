@@ -22,9 +22,7 @@ import torch
 
 from slimfit import plots
 from slimfit.data import DataError
-from slimfit.train import METHODS, FinetuneConfig, RunResult, Task, human_bytes, run
-
-SCHEDULED = ("freeze-only", "slimfit")  # the methods that take a freeze ratio
+from slimfit.train import METHODS, SCHEDULED_METHODS, FinetuneConfig, RunResult, Task, human_bytes, run
 
 
 def parse_methods(text: str) -> list[str]:
@@ -57,7 +55,7 @@ def run_bench(
     results = []
     for seed in seeds:
         for method in parse_methods(",".join(methods)):
-            for ratio in ratios if method in SCHEDULED else [config.freeze_ratio]:
+            for ratio in ratios if method in SCHEDULED_METHODS else [config.freeze_ratio]:
                 run_config = dataclasses.replace(config, method=method, freeze_ratio=ratio, seed=seed)
                 results.append(run(run_config, task, progress=progress))
     return results

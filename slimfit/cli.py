@@ -120,15 +120,14 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         "--max-steps", type=int, help="stop after this many optimizer steps (default: the epochs' steps)"
     )
     train.add_argument("--batch-size", type=int, default=16, help="examples per step (default: 16)")
-    train.add_argument("--lr", type=float, default=5e-5, help="AdamW peak learning rate, linear warm-up/decay (5e-5)")
-    train.add_argument("--lora-lr", type=float, default=5e-4, help="learning rate of the lora method (default: 5e-4)")
     train.add_argument(
-        "--slimfit-lr",
+        "--lr",
         type=float,
-        default=2e-4,
-        help="learning rate of the slimfit and freeze-only methods (default: 2e-4): only a tenth of the layers "
-        "train per step at freeze ratio 0.9, and they need a larger rate than full fine-tuning",
+        help="AdamW peak learning rate, linear warm-up/decay, for every method but lora (default: 5e-5, and 2e-4 "
+        "for slimfit and freeze-only, which train a tenth of the layers per step at freeze ratio 0.9)",
     )
+    train.add_argument("--slimfit-lr", type=float, help="learning rate of slimfit and freeze-only, overriding --lr")
+    train.add_argument("--lora-lr", type=float, default=5e-4, help="learning rate of the lora method (default: 5e-4)")
     train.add_argument("--lora-rank", type=int, default=8, help="LoRA rank of the lora method (default: 8)")
     train.add_argument("--seed", type=int, default=0, help="seed of the split, head init and shuffling (default: 0)")
     train.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available")
@@ -150,9 +149,9 @@ Every method trains on the same split, seed and steps; ratios are to full fine-t
 same run. Memory on CPU is the peak of live bytes held for backward (saved-tensor accounting) plus weights,
 gradients and optimizer state; on CUDA, torch.cuda.max_memory_allocated as well.
 What benchmarks/results/bench-cpu-* holds (OMP_NUM_THREADS=1: one thread is faster on busy shared cores):
-  slimfit bench --max-length 64 --batch-size 16 --max-steps 60 --lr 1e-4 --seeds 0 1 2
-  slimfit bench --max-length 64 --batch-size 16 --max-steps 60 --lr 1e-4 --methods slimfit \\
-      --freeze-ratios 0.75 0.8 0.9 0.95
+  slimfit bench --max-length 64 --batch-size 16 --epochs 2 --seeds 0 1 2
+  slimfit bench --max-length 64 --batch-size 16 --epochs 2 --seeds 0 1 2 --methods slimfit \\
+      --freeze-ratios 0.75 0.8 0.95
 """
 
 

@@ -137,6 +137,9 @@ def test_each_method_trains_at_its_learning_rate(method, expected):
     config = FinetuneConfig(method=method, lr=1e-5, slimfit_lr=3e-4, lora_lr=7e-4)
     assert config.method_lr == expected
     assert dataclasses.replace(config, slimfit_lr=None).method_lr == (7e-4 if method == "lora" else 1e-5)
+    # Without rates: 5e-5 for full fine-tuning, a larger 2e-4 for the methods that train a tenth of the layers.
+    default = FinetuneConfig(method=method).method_lr
+    assert default == {"full": 5e-5, "grad-ckpt": 5e-5, "lora": 5e-4}.get(method, 2e-4)
 
 
 def test_slimfit_run_logs_its_learning_rate(assets, tmp_path):
