@@ -7,17 +7,13 @@
 #include <numeric>
 #include <type_traits>
 
+#include "../checks.h"
 #include "../common.h"
 
 namespace slimfit {
 namespace {
 
 constexpr int64_t kGrainElements = 1 << 15;
-
-void check_quant_args(int64_t bits, int64_t group_size) {
-  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "slimfit::quantize: bits must be 2, 4 or 8, got ", bits);
-  TORCH_CHECK(group_size > 0, "slimfit::quantize: group_size must be positive, got ", group_size);
-}
 
 template <typename scalar_t>
 GroupParams scan_group(const scalar_t* x, int64_t begin, int64_t end, int levels) {
@@ -116,7 +112,7 @@ void quantize_kernel(const scalar_t* x, int64_t n, int bits, int64_t group_size,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x_in, int64_t bits, int64_t group_size,
                                                             std::optional<int64_t> seed) {
-  check_quant_args(bits, group_size);
+  check_quant_args("quantize", bits, group_size);
   TORCH_CHECK(x_in.device().is_cpu(), "slimfit::quantize (CPU kernel): x must be on CPU");
   const at::Tensor x = x_in.contiguous();
   const int64_t n = x.numel();
@@ -136,14 +132,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x_
 
 at::Tensor dequantize_cpu(const at::Tensor& codes_in, const at::Tensor& scale_in, const at::Tensor& offset_in,
                           int64_t bits, int64_t group_size, at::IntArrayRef shape, at::ScalarType dtype) {
-  check_quant_args(bits, group_size);
-  const int64_t n = c10::multiply_integers(shape);
+  const int64_t n = check_dequantize_args(codes_in, scale_in, offset_in, bits, group_size, shape);
   const int64_t num_groups = (n + group_size - 1) / group_size;
-  TORCH_CHECK(codes_in.scalar_type() == at::kByte && codes_in.numel() == (n * bits + 7) / 8,
-              "slimfit::dequantize: codes must be uint8 with ceil(numel * bits / 8) elements");
-  TORCH_CHECK(scale_in.scalar_type() == at::kBFloat16 && offset_in.scalar_type() == at::kBFloat16 &&
-                  scale_in.numel() == num_groups && offset_in.numel() == num_groups,
-              "slimfit::dequantize: scale and offset must be bfloat16 with ceil(numel / group_size) elements");
   const at::Tensor codes = codes_in.contiguous(), scale = scale_in.contiguous(), offset = offset_in.contiguous();
   auto out = at::empty(shape, codes.options().dtype(dtype));
   if (n == 0) return out;

@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../checks.h"
 #include "../common.h"
 #include "launch.h"
 
@@ -322,8 +323,7 @@ __global__ void dequantize_kernel(const uint8_t* __restrict__ codes, bool codes_
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x_in, int64_t bits,
                                                              int64_t group_size, std::optional<int64_t> seed) {
-  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "slimfit::quantize: bits must be 2, 4 or 8, got ", bits);
-  TORCH_CHECK(group_size > 0, "slimfit::quantize: group_size must be positive, got ", group_size);
+  check_quant_args("quantize", bits, group_size);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const int64_t n = x.numel();
@@ -358,15 +358,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x
 
 at::Tensor dequantize_cuda(const at::Tensor& codes_in, const at::Tensor& scale_in, const at::Tensor& offset_in,
                            int64_t bits, int64_t group_size, at::IntArrayRef shape, at::ScalarType dtype) {
-  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "slimfit::dequantize: bits must be 2, 4 or 8, got ", bits);
-  TORCH_CHECK(group_size > 0, "slimfit::dequantize: group_size must be positive, got ", group_size);
-  const int64_t n = c10::multiply_integers(shape);
-  const int64_t num_groups = (n + group_size - 1) / group_size;
-  TORCH_CHECK(codes_in.scalar_type() == at::kByte && codes_in.numel() == (n * bits + 7) / 8,
-              "slimfit::dequantize: codes must be uint8 with ceil(numel * bits / 8) elements");
-  TORCH_CHECK(scale_in.scalar_type() == at::kBFloat16 && offset_in.scalar_type() == at::kBFloat16 &&
-                  scale_in.numel() == num_groups && offset_in.numel() == num_groups,
-              "slimfit::dequantize: scale and offset must be bfloat16 with ceil(numel / group_size) elements");
+  const int64_t n = check_dequantize_args(codes_in, scale_in, offset_in, bits, group_size, shape);
   const c10::cuda::CUDAGuard guard(codes_in.device());
   const at::Tensor codes = codes_in.contiguous(), scale = scale_in.contiguous(), offset = offset_in.contiguous();
   auto out = at::empty(shape, codes.options().dtype(dtype));

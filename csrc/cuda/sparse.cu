@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../checks.h"
 #include "../common.h"
 #include "launch.h"
 
@@ -123,16 +124,12 @@ __global__ void densify_kernel(const scalar_t* __restrict__ values, const int16_
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparsify_cuda(const at::Tensor& x_in, int64_t k) {
-  const int64_t n = x_in.dim() ? x_in.size(-1) : 1;
-  const int64_t rows = n ? x_in.numel() / n : c10::multiply_integers(x_in.sizes().slice(0, x_in.dim() - 1));
-  TORCH_CHECK(k >= 0 && k <= n, "slimfit::sparsify: k must be in [0, ", n, "], got ", k);
-  TORCH_CHECK(n <= (int64_t{1} << 31), "slimfit::sparsify: rows longer than 2**31 are not supported, got ", n);
+  const RowLayout layout = check_sparsify_args(x_in, k);
+  const int64_t rows = layout.rows, n = layout.n, num_blocks = layout.num_blocks;
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const int64_t num_blocks = n > kIndexBlock ? (n + kIndexBlock - 1) / kIndexBlock : 0;
   const at::Tensor x = x_in.contiguous();
-  auto values = at::empty({rows, k}, x.options());
-  auto indices = at::empty({rows, k}, x.options().dtype(at::kShort));
-  auto block_offsets = at::zeros({rows, num_blocks}, x.options().dtype(at::kInt));
+  at::Tensor values, indices, block_offsets;
+  std::tie(values, indices, block_offsets) = empty_sparse(x, layout, k);
   if (rows == 0 || k == 0) return {values, indices, block_offsets};
   const int grid = static_cast<int>(std::min<int64_t>(rows, 65535LL * 8));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "slimfit_sparsify_cuda", [&] {
@@ -146,17 +143,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparsify_cuda(const at::Tensor& x
 
 at::Tensor densify_cuda(const at::Tensor& values_in, const at::Tensor& indices_in, const at::Tensor& offsets_in,
                         at::IntArrayRef shape) {
-  const int64_t n = shape.empty() ? 1 : shape.back();
-  const int64_t rows = c10::multiply_integers(shape.slice(0, shape.empty() ? 0 : shape.size() - 1));
-  TORCH_CHECK(values_in.dim() == 2 && values_in.size(0) == rows && values_in.size(1) <= n,
-              "slimfit::densify: values must be [rows, k] with k <= row length for shape ", shape);
+  const RowLayout layout = check_densify_args(values_in, indices_in, offsets_in, shape);
+  const int64_t rows = layout.rows, n = layout.n, num_blocks = layout.num_blocks;
   const int64_t k = values_in.size(1);
-  const int64_t num_blocks = n > kIndexBlock ? (n + kIndexBlock - 1) / kIndexBlock : 0;
-  TORCH_CHECK(indices_in.scalar_type() == at::kShort && indices_in.sizes() == values_in.sizes(),
-              "slimfit::densify: indices must be int16 with the shape of values");
-  TORCH_CHECK(offsets_in.scalar_type() == at::kInt && offsets_in.dim() == 2 && offsets_in.size(0) == rows &&
-                  offsets_in.size(1) == num_blocks,
-              "slimfit::densify: block_offsets must be int32 [rows, ", num_blocks, "]");
   const c10::cuda::CUDAGuard guard(values_in.device());
   const at::Tensor values = values_in.contiguous(), indices = indices_in.contiguous();
   const at::Tensor offsets = offsets_in.contiguous();
