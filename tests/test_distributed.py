@@ -1,10 +1,12 @@
 """Two-process DDP on gloo: frozen layers cost no gradient traffic and training matches one process."""
 
+import contextlib
 import datetime
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,10 +23,22 @@ GROUP_TIMEOUT = datetime.timedelta(minutes=2)
 STEPS = 4
 
 
-def exit_without_teardown() -> None:
-    """End a worker once its results are saved. Destroying DDP's reducer can deadlock gloo's teardown (its
-    destructor joins gloo's worker thread while holding the GIL that thread is waiting for), an intermittent
-    torch issue unrelated to what these tests check."""
+@contextlib.contextmanager
+def ddp_worker_group(rank: int, port: int) -> Iterator[None]:
+    """A gloo group of WORLD ranks around a worker's body; the worker process ends with the block.
+
+    A body that returns (its results saved) exits without interpreter teardown: destroying DDP's reducer can
+    deadlock gloo's teardown (its destructor joins gloo's worker thread while holding the GIL that thread is
+    waiting for), an intermittent torch issue unrelated to what these tests check. A body that raises only
+    destroys the group, so the error reaches the parent.
+    """
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=GROUP_TIMEOUT)
+    try:
+        yield
+    except BaseException:
+        dist.destroy_process_group()
+        raise
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)
@@ -62,9 +76,7 @@ def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[
 
 
 def ddp_worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=GROUP_TIMEOUT)
-    try:
+    with ddp_worker_group(rank, port):
         torch.manual_seed(100 + rank)  # ranks' RNGs differ on purpose
         assert broadcast_indices([rank, 7]) == [0, 7]
         model = make_model()
@@ -75,9 +87,6 @@ def ddp_worker(rank: int, port: int, out: str) -> None:
         local = slice(rank * 2, rank * 2 + 2)
         train(ddp, x[:, local], y[:, local], names)
         torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, f"{out}.{rank}")
-        exit_without_teardown()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_trainable_only_hook_matches_single_process(tmp_path):
@@ -174,9 +183,7 @@ def train_slimfit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> l
 
 
 def slimfit_ddp_worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=GROUP_TIMEOUT)
-    try:
+    with ddp_worker_group(rank, port):
         model = make_model()
         ddp = DistributedDataParallel(model, find_unused_parameters=True)
         register_trainable_only_hook(ddp)
@@ -186,9 +193,6 @@ def slimfit_ddp_worker(rank: int, port: int, out: str) -> None:
         sets = train_slimfit(ddp, x[:, local], y[:, local])
         weights = {n: p.detach().clone() for n, p in model.named_parameters()}
         torch.save({"sets": sets, "weights": weights}, f"{out}.{rank}")
-        exit_without_teardown()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_slimfit_under_ddp_matches_one_process_with_the_global_batch(tmp_path):
