@@ -87,6 +87,13 @@ class SlimFit:
 
     Layers are parameters with more than one dimension plus normalisation weights (:mod:`slimfit.layers`).
     After construction and after every :meth:`step`, exactly ``K`` of them have ``requires_grad=True``.
+
+    Learning rates: each update score is divided by the rate the layer's parameter group had at that step, so
+    scores taken during warm-up or decay stay comparable; where the group's ``lr`` is not a number (``None``:
+    transformers' ``Adafactor(relative_step=True, lr=None)``) the score is the raw update. A layer whose group has
+    a learning rate of 0 at construction (its ``initial_lr`` when an LR scheduler has set one, so a warm-up that
+    starts at 0 does not count) would never move: it is not scheduled, stays frozen (with the group's biases)
+    until :meth:`remove`, and is not among the ``N`` layers, so ``K`` is a share of the layers that can train.
     """
 
     def __init__(
@@ -137,7 +144,21 @@ class SlimFit:
             list(split.auxiliary) if train_biases else []
         )
         _check_optimizer_holds(optimizer, trained)
-        self.layers: tuple[Layer, ...] = split.layers
+        # A layer whose group never moves (base rate 0) would keep one of the K slots forever: not scheduled.
+        base_rate = {
+            id(p): _as_rate(group.get("initial_lr", group.get("lr")))
+            for group in optimizer.param_groups
+            for p in group["params"]
+        }
+        self.layers: tuple[Layer, ...] = tuple(layer for layer in split.layers if base_rate[id(layer.param)] != 0.0)
+        if not self.layers:
+            raise ValueError(
+                f"all {len(split.layers)} candidate layers are in optimizer parameter groups with learning rate 0; "
+                "SlimFit schedules only layers whose group has a non-zero (or unknown) rate"
+            )
+        # Nothing in such a group can move, so its biases need no gradient either.
+        candidates = [layer.param for layer in split.layers] + [p for _, p in split.auxiliary]
+        unscheduled = [p for p in candidates if base_rate.get(id(p)) == 0.0]
         self.num_trainable = max(1, round((1.0 - self.freeze_ratio) * len(self.layers)))
 
         # Every rank of a distributed job must warm up in the same order: rank 0's seed rules.
@@ -151,10 +172,12 @@ class SlimFit:
         self._original_requires_grad = {name: p.requires_grad for name, p in self.model.named_parameters()}
         for _, p in split.auxiliary:
             p.requires_grad_(train_biases)
+        for p in unscheduled:
+            p.requires_grad_(False)
         self._trainable: list[int] = []
         self._apply_trainable(self.scheduler.trainable)
 
-        self._snapshot: tuple[list[int], list[torch.Tensor], list[float]] | None = None
+        self._snapshot: tuple[list[int], list[torch.Tensor], list[float | None]] | None = None
         self._stepped = False
         self._warned_missing_step = False
         self._hooks = [
@@ -192,11 +215,14 @@ class SlimFit:
             indices, before, rates = snapshot
             # A layer moves in proportion to its learning rate; dividing the rate out keeps scores taken under a
             # warm-up or decay schedule comparable, so layers first scored at a tiny rate are not starved for the
-            # rest of the run. A zero rate moved nothing and tells nothing: those layers keep their old score.
-            moved = [k for k, rate in enumerate(rates) if rate > 0.0]
+            # rest of the run. A rate the optimizer does not expose (None: Adafactor's relative step) cannot be
+            # divided out; the score is then the raw update. A zero rate (e.g. the first step of a warm-up) moved
+            # nothing and tells nothing: those layers keep their old score.
+            moved = [k for k, rate in enumerate(rates) if rate is None or rate > 0.0]
             indices, before = [indices[k] for k in moved], [before[k] for k in moved]
             scores = self._score(indices, before) if indices else scores
-            scores = scores / torch.tensor([rates[k] for k in moved], dtype=scores.dtype, device=scores.device)
+            divisors = [1.0 if rates[k] is None else rates[k] for k in moved]
+            scores = scores / torch.tensor(divisors, dtype=scores.dtype, device=scores.device)
             if is_distributed():
                 # Ranks hold identical weights, but a one-ulp difference in a score could still flip a tie
                 # and split the trainable sets; rank 0's scores decide for everyone.
@@ -242,10 +268,8 @@ class SlimFit:
         # covers the whole change. With K == N there is nothing to choose, so nothing to copy.
         if self._snapshot is None and self.num_trainable < len(self.layers):
             indices = list(self._trainable)
-            rate_of = {
-                id(p): float(group.get("lr", 0.0)) for group in self.optimizer.param_groups for p in group["params"]
-            }
-            rates = [rate_of.get(id(self.layers[i].param), 0.0) for i in indices]
+            rate_of = {id(p): _as_rate(group.get("lr")) for group in self.optimizer.param_groups for p in group["params"]}
+            rates = [rate_of[id(self.layers[i].param)] for i in indices]
             self._snapshot = (indices, [self.layers[i].param.detach().clone() for i in indices], rates)
 
     def _apply_trainable(self, trainable: list[int]) -> None:
@@ -396,6 +420,15 @@ class SlimFit:
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+def _as_rate(value: Any) -> float | None:
+    """A parameter group's learning rate as a float; None where it is not a number (Adafactor: ``lr=None``)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:  # torch optimizers accept a tensor lr
+        return float(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return None
 
 
 def _check_freeze_ratio(freeze_ratio: Any) -> None:

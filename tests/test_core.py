@@ -298,7 +298,7 @@ def test_train_biases_false_freezes_auxiliary_parameters():
 def test_scores_divide_out_each_layers_learning_rate():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
-    rates = [0.1, 0.01, 0.0]
+    rates = [0.1, 0.01, 0.001]
     groups = [{"params": list(m.parameters()), "lr": lr} for m, lr in zip(model, rates, strict=True)]
     opt = torch.optim.SGD(groups)
     sf = SlimFit(model, opt, freeze_ratio=0.4, compression=None)  # 2 of the 3 weights train per step
@@ -308,11 +308,8 @@ def test_scores_divide_out_each_layers_learning_rate():
             p.grad = p.detach().clone()  # SGD then moves W by exactly lr * W: rel_l2 = lr before dividing
         opt.step()
         sf.step()
-    for i, rate in enumerate(rates):
-        if rate > 0:
-            assert sf.scheduler.scores[i].item() == pytest.approx(1.0, rel=1e-5)
-        else:  # a zero learning rate moved nothing: no score recorded, the layer stays pending
-            assert not sf.scheduler.scored[i]
+    for i in range(len(rates)):
+        assert sf.scheduler.scores[i].item() == pytest.approx(1.0, rel=1e-5)
 
 
 @pytest.mark.parametrize("make_opt", [torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD])
@@ -536,3 +533,65 @@ def test_model_split_across_devices_is_scored_per_device():
         opt.zero_grad()
     assert sf.stats.scored_steps == 4 and sf.stats.nonfinite_scores == 0
     assert bool(sf.scheduler.scored.all()) and bool((sf.scheduler.scores > 0).all())
+
+
+def test_adafactor_relative_step_scores_the_raw_update():
+    """transformers' Adafactor with relative steps has lr=None: scores are the undivided update norms."""
+    from transformers.optimization import Adafactor
+
+    from slimfit import ops
+
+    model = tiny_classifier()
+    opt = Adafactor(model.parameters(), scale_parameter=True, relative_step=True, warmup_init=True, lr=None)
+    sf = SlimFit(model, opt, freeze_ratio=0.5, compression=None)
+    for batch in batches(4):
+        trained = [sf.layer_names.index(name) for name in sf.trainable_layers()]
+        before = [sf.layers[i].param.detach().clone() for i in trained]
+        model(**batch).loss.backward()
+        opt.step()
+        sf.step()
+        opt.zero_grad()
+        after = [sf.layers[i].param.detach() for i in trained]
+        assert torch.equal(sf.scheduler.scores[trained], ops.update_norms(before, after, "rel_l1_mean"))
+    assert sf.stats.scored_steps == 4 and sf.stats.nonfinite_scores == 0
+
+
+def test_layers_of_a_zero_rate_group_are_not_scheduled():
+    """A group with lr 0 never moves: its layers stay frozen and K is a share of the other layers."""
+    model = tiny_classifier()
+    embeddings = list(model.bert.embeddings.parameters())
+    rest = [p for p in model.parameters() if all(p is not q for q in embeddings)]
+    opt = torch.optim.AdamW([{"params": rest}, {"params": embeddings, "lr": 0.0}], lr=1e-2)
+    sf = SlimFit(model, opt, freeze_ratio=0.5, compression=None)
+    # 22 layers, 4 of them in the embeddings (word, position, token type, LayerNorm): 18 scheduled, 9 train.
+    assert len(sf.layer_names) == 18 and sf.num_trainable == 9
+    assert not any(name.startswith("bert.embeddings") for name in sf.layer_names)
+    _, sets = train(model, opt, sf, batches(6))
+    assert all(len(names) == 9 for names in sets) and len(set(map(tuple, sets))) > 1
+    assert [name for name in sf.layer_names if model.get_parameter(name).requires_grad] == sets[-1]
+    assert not any(p.requires_grad for p in model.bert.embeddings.parameters())
+    sf.remove()
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_every_layer_in_a_zero_rate_group_is_an_error():
+    model = tiny_classifier()
+    with pytest.raises(ValueError, match="learning rate 0"):
+        SlimFit(model, torch.optim.SGD(model.parameters(), lr=0.0), compression=None)
+
+
+def test_warm_up_from_zero_still_schedules_every_layer():
+    """An LR schedule whose warm-up starts at 0 keeps its base rate in initial_lr: every layer is scheduled, and
+    the layers of the zero-rate first step are not scored (they moved nothing), so they train again."""
+    model = tiny_classifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    warm_up = transformers.get_linear_schedule_with_warmup(opt, num_warmup_steps=2, num_training_steps=10)
+    assert opt.param_groups[0]["lr"] == 0.0
+    sf = SlimFit(model, opt, freeze_ratio=0.5, compression=None)
+    assert len(sf.layer_names) == 22
+    first = sf.trainable_layers()
+    _, sets = train(model, opt, sf, batches(1))
+    assert sets == [first] and not sf.scheduler.scored.any()
+    warm_up.step()
+    train(model, opt, sf, batches(1))
+    assert sf.scheduler.scored.sum().item() == 11
