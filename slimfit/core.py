@@ -268,7 +268,9 @@ class SlimFit:
         # covers the whole change. With K == N there is nothing to choose, so nothing to copy.
         if self._snapshot is None and self.num_trainable < len(self.layers):
             indices = list(self._trainable)
-            rate_of = {id(p): _as_rate(group.get("lr")) for group in self.optimizer.param_groups for p in group["params"]}
+            rate_of = {
+                id(p): _as_rate(group.get("lr")) for group in self.optimizer.param_groups for p in group["params"]
+            }
             rates = [rate_of[id(self.layers[i].param)] for i in indices]
             self._snapshot = (indices, [self.layers[i].param.detach().clone() for i in indices], rates)
 
@@ -295,7 +297,7 @@ class SlimFit:
     # ------------------------------------------------------------------ checkpointing
 
     def state_dict(self) -> dict[str, Any]:
-        """Scheduler state (scores, warm-up order, step, trainable set) and telemetry.
+        """Scheduler state (scores, warm-up order, step, trainable set) and telemetry, as JSON-safe Python values.
 
         Take it between ``sf.step()`` and the next ``optimizer.step()`` (where checkpoints are normally
         written); together with the model's and optimizer's state dicts and the RNG state it continues the

@@ -82,13 +82,17 @@ class InterLayerScheduler:
         return sorted((pending + ranked)[: self.num_trainable])
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue the schedule exactly (tensors are copies)."""
+        """Everything needed to continue the schedule exactly, as plain Python values.
+
+        JSON-safe, so it can live in a Trainer's ``trainer_state.json``: the float32 scores become Python floats,
+        which ``json`` writes with ``repr`` (infinities as ``Infinity``) and reads back to the same float32.
+        """
         return {
             "num_layers": self.num_layers,
             "num_trainable": self.num_trainable,
-            "scores": self.scores.clone(),
-            "scored": self.scored.clone(),
-            "warmup_order": self.warmup_order.clone(),
+            "scores": self.scores.tolist(),
+            "scored": self.scored.tolist(),
+            "warmup_order": self.warmup_order.tolist(),
             "step": self.step_count,
             "trainable": list(self._trainable),
         }

@@ -1,28 +1,24 @@
 """Hugging Face Trainer integration: ``Trainer(..., callbacks=[SlimFitCallback(freeze_ratio=0.9)])``.
 
 The callback attaches :class:`slimfit.SlimFit` to the Trainer's model and optimizer when training begins, calls
-``sf.step()`` after every optimizer step, writes the SlimFit state into each checkpoint folder
-(``slimfit_state.pt``, atomically) and restores it when training resumes from a checkpoint, so a resumed run
-continues the same layer schedule.
+``sf.step()`` after every optimizer step and, as a ``transformers`` ``ExportableState``, has the Trainer write the
+SlimFit state into each checkpoint's ``trainer_state.json``; a run resumed from any checkpoint folder continues
+the same layer schedule.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
-import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
 from slimfit.core import SlimFit
+from slimfit.policy import DEFAULT_POLICY, CompressionPolicy
 
-STATE_FILE = "slimfit_state.pt"
 
-
-class SlimFitCallback(TrainerCallback):
+class SlimFitCallback(TrainerCallback, ExportableState):
     """Train with SlimFit under ``transformers.Trainer``.
 
     Args:
@@ -33,12 +29,13 @@ class SlimFitCallback(TrainerCallback):
     Attributes:
         slimfit: the :class:`slimfit.SlimFit` in use while training runs (None before and after).
 
-    Resuming (``trainer.train(resume_from_checkpoint=...)``) reads ``slimfit_state.pt`` from
-    ``TrainingArguments.resume_from_checkpoint`` when that names a folder, else from
-    ``<output_dir>/checkpoint-<global step>``, the folder the Trainer resumes from with ``resume_from_checkpoint=True``
-    and the usual choice when a path is passed. A resumed run without that file is an error: it would silently
-    restart the layer schedule. At the end of training the model's original modules and ``requires_grad`` flags
-    are restored.
+    Checkpoints: :meth:`state` puts the SlimFit state (:meth:`slimfit.SlimFit.state_dict`) into the
+    ``stateful_callbacks`` of every checkpoint's ``trainer_state.json``. When training resumes
+    (``trainer.train(resume_from_checkpoint=...)``, from wherever the checkpoint folder now lies), the Trainer loads
+    that file before training begins and the callback restores the schedule from it; this does not depend on
+    ``TrainingArguments.restore_callback_states_from_checkpoint``. A resumed run whose checkpoint holds no SlimFit
+    state is an error: it would silently restart the layer schedule. At the end of training the model's original
+    modules and ``requires_grad`` flags are restored.
     """
 
     def __init__(self, freeze_ratio: float = 0.9, **slimfit_kwargs: Any) -> None:
@@ -48,6 +45,20 @@ class SlimFitCallback(TrainerCallback):
         self.freeze_ratio = freeze_ratio
         self.slimfit_kwargs = slimfit_kwargs
         self.slimfit: SlimFit | None = None
+
+    def state(self) -> dict[str, Any]:
+        """``args`` rebuild this callback, ``attributes`` hold the SlimFit state (None before training begins).
+
+        Both must be JSON: a :class:`~slimfit.policy.CompressionPolicy` other than the default is written as its
+        ``repr``, which ``SlimFit`` rejects should ``restore_callback_states_from_checkpoint=True`` rebuild the
+        callback from it (pass that policy to the callback again instead; the default False needs nothing).
+        """
+        args = {"freeze_ratio": self.freeze_ratio, **self.slimfit_kwargs}
+        compression = args.get("compression")
+        if isinstance(compression, CompressionPolicy):
+            args["compression"] = "default" if compression == DEFAULT_POLICY else repr(compression)
+        saved = None if self.slimfit is None else self.slimfit.state_dict()
+        return {"args": args, "attributes": {"slimfit_state": saved}}
 
     def on_train_begin(
         self,
@@ -64,24 +75,10 @@ class SlimFitCallback(TrainerCallback):
             )
         self.slimfit = SlimFit(model, optimizer, freeze_ratio=self.freeze_ratio, **self.slimfit_kwargs)
         if state.global_step > 0:
-            self.slimfit.load_state_dict(torch.load(self._resume_file(args, state), weights_only=True))
+            self.slimfit.load_state_dict(self._saved_state(state))
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         self._active().step()
-
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if not args.should_save:
-            return
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if not folder.is_dir():
-            warnings.warn(
-                f"SlimFitCallback: checkpoint folder {folder} not found; SlimFit state not saved "
-                "(resuming from this checkpoint will fail)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            return
-        save_state(self._active().state_dict(), folder / STATE_FILE)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         if self.slimfit is not None:
@@ -93,29 +90,14 @@ class SlimFitCallback(TrainerCallback):
             raise RuntimeError("SlimFitCallback is not attached: training has not begun (on_train_begin not called)")
         return self.slimfit
 
-    @staticmethod
-    def _resume_file(args: TrainingArguments, state: TrainerState) -> Path:
-        candidates = []
-        if isinstance(args.resume_from_checkpoint, str) and os.path.isdir(args.resume_from_checkpoint):
-            candidates.append(Path(args.resume_from_checkpoint) / STATE_FILE)
-        candidates.append(Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE)
-        for candidate in candidates:
-            if candidate.is_file():
-                return candidate
-        raise FileNotFoundError(
-            f"SlimFitCallback: resuming at step {state.global_step} but no {STATE_FILE} in "
-            f"{' or '.join(str(c.parent) for c in candidates)}; set TrainingArguments.resume_from_checkpoint to the "
-            "checkpoint folder written with this callback"
+    def _saved_state(self, state: TrainerState) -> dict[str, Any]:
+        """The SlimFit state the resumed checkpoint's trainer_state.json holds for this callback."""
+        name = type(self).__name__
+        saved = (state.stateful_callbacks or {}).get(name)
+        if isinstance(saved, dict) and saved.get("attributes", {}).get("slimfit_state") is not None:
+            return saved["attributes"]["slimfit_state"]
+        raise RuntimeError(
+            f"SlimFitCallback: resuming at step {state.global_step}, but the checkpoint's trainer_state.json has no "
+            f"SlimFit state (stateful_callbacks[{name!r}]['attributes']['slimfit_state']); resume from a checkpoint "
+            "written by a Trainer with this callback, or start a new run"
         )
-
-
-def save_state(state: dict[str, Any], path: Path) -> None:
-    """``torch.save`` to a temporary file next to ``path``, then rename: a crash never leaves a torn file."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(state, stream)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
