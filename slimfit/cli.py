@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-USAGE_ERROR = 2  # the exit status of argparse errors; bad data or paths are usage errors too
+USAGE_ERROR = 2  # the exit status of argparse errors; bad data or paths, and any failed run, exit with it too
+DEBUG_VARIABLE = "SLIMFIT_DEBUG"  # set to 1: a failed run prints its traceback instead of one line
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -41,10 +44,25 @@ def _fail(message: str) -> int:
     return USAGE_ERROR
 
 
+def _failed(command: str, error: Exception) -> int:
+    """One line for a failed run: the DataError's own message, else what was raised (the traceback under debug)."""
+    from slimfit.data import DataError
+
+    if os.environ.get(DEBUG_VARIABLE) == "1":
+        traceback.print_exception(error)
+        return USAGE_ERROR
+    if isinstance(error, DataError):
+        return _fail(str(error))
+    lines = str(error).strip().splitlines()
+    return _fail(
+        f"`slimfit {command}` failed: {type(error).__name__}: {lines[0] if lines else '(no message)'} "
+        f"({DEBUG_VARIABLE}=1 shows the traceback)"
+    )
+
+
 def _finetune(args: argparse.Namespace) -> int:
     try:
         from slimfit import train
-        from slimfit.data import DataError
     except ImportError as error:
         return _fail(f"`slimfit finetune` needs the hf extra ({error.name} is missing): pip install 'slimfit[hf]'")
     config = _config(args)
@@ -53,14 +71,14 @@ def _finetune(args: argparse.Namespace) -> int:
         train.refuse_existing_output(Path(output))
         task = train.prepare_task(config)
         print(
-            f"model {task.model_path.name}, {len(task.train)} train / {len(task.eval)} eval examples, "
+            f"model {task.model_name}, {len(task.train)} train / {len(task.eval)} eval examples, "
             f"{len(task.label_names)} classes; method {config.method}, output {output}"
         )
         result = train.run(config, task, progress=not args.quiet)
         with train.staged_output(output) as folder:
             train.write_run(result, config, folder, task)
-    except DataError as error:
-        return _fail(str(error))
+    except Exception as error:  # any failure, expected or not, is one line; nothing is written before the end
+        return _failed("finetune", error)
     print(train.render_table(result))
     print(f"wrote metrics.json, steps.csv, loss.png, memory.png, layers.png to {output}")
     return 0
@@ -69,7 +87,6 @@ def _finetune(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     try:
         from slimfit import bench, train
-        from slimfit.data import DataError
     except ImportError as error:
         return _fail(f"`slimfit bench` needs the hf extra ({error.name} is missing): pip install 'slimfit[hf]'")
     config = _config(args, method="full")
@@ -83,8 +100,8 @@ def _bench(args: argparse.Namespace) -> int:
         )
         with train.staged_output(output) as folder:
             summary = bench.write_bench(results, config, task, folder)
-    except DataError as error:
-        return _fail(str(error))
+    except Exception as error:  # as in _finetune
+        return _failed("bench", error)
     print(bench.render_summary(summary))
     print(f"wrote runs.csv, summary.csv, bench.png, bench.json to {output}")
     return 0
@@ -141,7 +158,8 @@ Defaults: the bundled MiniLM on BBC News (2,002 train / 223 eval articles), 1 ep
 (126 steps, a few minutes on 2 CPU cores), SlimFit at freeze ratio 0.9 and lr 2e-4 (full fine-tuning: 5e-5).
 Output: metrics.json, steps.csv (per-step log), loss.png, memory.png, layers.png (which layers trained when).
 Results are written to a hidden folder next to --output and renamed into place at the end, so a failed run
-leaves nothing behind; an existing non-empty --output is refused. Bad input exits with status 2.
+leaves nothing behind; an existing non-empty --output is refused. Bad input, or any error while training,
+exits with status 2 and one line on stderr (SLIMFIT_DEBUG=1 prints the traceback instead).
 """
 
 BENCH_EPILOG = """\

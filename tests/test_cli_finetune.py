@@ -6,19 +6,21 @@ import csv
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
 from tiny_bert import save_tiny_bert, texts, write_csv  # noqa: E402
 
-from slimfit import cli  # noqa: E402
+from slimfit import cli, train  # noqa: E402
 from slimfit.data import DataError, load_dataset, stratified_split  # noqa: E402
 from slimfit.train import FinetuneConfig, classification_metrics  # noqa: E402
 
@@ -60,6 +62,7 @@ def test_finetune_writes_metrics_log_and_plots(assets, tmp_path, capsys, method)
     assert cli.main(finetune(assets, "--method", method, "--freeze-ratio", "0.5", "--output", str(output))) == 0
     printed = capsys.readouterr().out
     assert "accuracy" in printed and "macro-F1" in printed and "memory: activations" in printed
+    assert printed.startswith(f"model {assets['model']}, 36 train / 4 eval examples, 2 classes; method {method}")
 
     metrics = json.loads((output / "metrics.json").read_text())
     assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["f1"] <= 1.0
@@ -68,6 +71,7 @@ def test_finetune_writes_metrics_log_and_plots(assets, tmp_path, capsys, method)
     assert all(isinstance(v, int) and v >= 0 for v in metrics["memory"].values())
     assert metrics["memory"]["activations"] > 0
     assert metrics["config"]["text_column"] == "body" and metrics["config"]["method"] == method
+    assert metrics["config"]["model"] == str(assets["model"])
     assert metrics["labels"] == ["sport", "tech"]
 
     with (output / "steps.csv").open() as handle:
@@ -142,16 +146,20 @@ def test_each_method_trains_at_its_learning_rate(method, expected):
     assert default == {"full": 5e-5, "grad-ckpt": 5e-5, "lora": 5e-4}.get(method, 2e-4)
 
 
-def test_slimfit_run_logs_its_learning_rate(assets, tmp_path):
+def test_slimfit_run_logs_the_learning_rate_each_step_used(assets, tmp_path):
     output = tmp_path / "run"
-    argv = finetune(assets, "--lr", "1e-5", "--slimfit-lr", "3e-4", "--max-steps", "2", "--output", str(output))
-    assert cli.main(argv) == 0
+    argv = finetune(assets, "--lr", "1e-5", "--slimfit-lr", "3e-4", "--output", str(output))
+    argv[argv.index("--max-steps") + 1] = "20"
+    assert cli.main([*argv, "--epochs", "4"]) == 0  # 36 train examples: 5 batches of 8 per epoch
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["config"]["slimfit_lr"] == 3e-4
     with (output / "steps.csv").open() as handle:
         rates = [float(row["lr"]) for row in csv.DictReader(handle)]
-    # Linear warm-up over 6% of 2 steps rounds to none: the peak rate, then linear decay to zero.
-    assert rates == pytest.approx([1.5e-4, 0.0])
+    # Linear warm-up over round(6% of 20) = 1 step, then linear decay towards 0 at step 20 (not reached).
+    warmup, total = 1, 20
+    expected = [3e-4 * (s / warmup if s < warmup else (total - s) / (total - warmup)) for s in range(total)]
+    assert expected[0] == 0.0 and expected[1] == 3e-4 and expected[-1] == pytest.approx(3e-4 / 19)
+    assert rates == pytest.approx(expected, rel=1e-12, abs=0.0)
 
 
 def test_existing_output_is_left_untouched(assets, tmp_path, capsys):
@@ -218,3 +226,102 @@ def test_classification_metrics_by_hand():
     assert scores["accuracy"] == pytest.approx(3 / 5)
     # F1: class 0 = 2*1/(2+2) = 0.5, class 1 = 2*2/(3+2) = 0.8, class 2 = 0.
     assert scores["f1"] == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+
+
+def slimfit_command(*argv: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """The installed `slimfit` console script, run outside the repo root (whose slimfit/ would shadow it)."""
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "slimfit"), *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
+        cwd=cwd,
+    )
+
+
+def test_bundled_model_is_named_and_too_long_texts_are_refused(assets, tmp_path):
+    """The bundled MiniLM is called by its hub name in the header and metrics.json; it takes 512 positions."""
+    data = ["--data", str(assets["csv"]), "--text-column", "body", "--label-column", "topic"]
+    process = slimfit_command("finetune", *data, "--max-length", "4096", "--output", "long", cwd=tmp_path)
+    assert process.returncode == 2 and process.stdout == ""
+    assert process.stderr.strip().splitlines() == [
+        "slimfit: error: --max-length: 4096 tokens is more than the model takes "
+        "(512, max_position_embeddings in "
+        f"{train.default_model_path()}/config.json)"
+    ]
+    argv = [*data, "--max-length", "16", "--batch-size", "8", "--max-steps", "1", "--quiet", "--output", "run"]
+    process = slimfit_command("finetune", *argv, cwd=tmp_path)
+    assert process.returncode == 0, process.stderr
+    assert process.stdout.startswith(
+        "model sentence-transformers/all-MiniLM-L6-v2, 36 train / 4 eval examples, 2 classes; method slimfit"
+    )
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["config"]["model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_max_length_beyond_the_models_positions(assets, tmp_path, capsys):
+    argv = finetune(assets, "--output", str(tmp_path / "o"))
+    argv[argv.index("--max-length") + 1] = "65"  # the tiny BERT has 64 positions
+    expect_error(capsys, argv, "--max-length: 65 tokens", "(64, max_position_embeddings in")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_head_for_another_number_of_labels(assets, tmp_path, capsys):
+    rows = [(text, ("sport", "tech", "misc")[i % 3]) for i, (text, _) in enumerate(texts(30))]
+    data = write_csv(tmp_path / "three.csv", rows)
+    expect_error(
+        capsys,
+        finetune(assets, "--output", str(tmp_path / "o"), data=data),
+        f"--model: {assets['model']} has a classification head for 2 labels (LABEL_0, LABEL_1)",
+        "the data has 3 classes (misc, sport, tech)",
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"vocab_size": 10}, "has 25 tokens but the model embeds only vocab_size=10"),
+        ({"problem_type": "multi_label_classification"}, "problem_type='multi_label_classification'"),
+        ({"model_type": "vit"}, "is a 'vit' model, which transformers has no sequence-classification head for"),
+    ],
+)
+def test_model_config_that_cannot_train_the_task(assets, tmp_path, capsys, change, fragment):
+    model = tmp_path / "model"
+    shutil.copytree(assets["model"], model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, **change}))
+    argv = finetune(assets, "--output", str(tmp_path / "o"))
+    argv[argv.index(str(assets["model"]))] = str(model)
+    expect_error(capsys, argv, f"--model: {model}", fragment)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture
+def failing_optimizer(monkeypatch):
+    def step(self, closure=None):
+        raise RuntimeError("injected failure\nsecond line")
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+
+
+@pytest.mark.parametrize("command", ["finetune", "bench"])
+def test_error_while_training_is_one_line(assets, tmp_path, capsys, failing_optimizer, command):
+    argv = finetune(assets, "--output", str(tmp_path / "o"))
+    argv[0] = command
+    expect_error(
+        capsys,
+        argv,
+        f"slimfit: error: `slimfit {command}` failed: RuntimeError: injected failure (SLIMFIT_DEBUG=1 shows the "
+        "traceback)",
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_debug_shows_the_traceback(assets, tmp_path, capsys, failing_optimizer, monkeypatch):
+    monkeypatch.setenv("SLIMFIT_DEBUG", "1")
+    assert cli.main(finetune(assets, "--output", str(tmp_path / "o"))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):")
+    assert "optimizer.step()" in err and err.rstrip().endswith("RuntimeError: injected failure\nsecond line")
+    assert "slimfit: error" not in err and list(tmp_path.iterdir()) == []
