@@ -348,12 +348,20 @@ class SlimFit:
 
     # ------------------------------------------------------------------ accounting and teardown
 
+    @property
+    def uncompressed_modules(self) -> list[str]:
+        """``"name (ClassName...)"`` of the modules that keep what backward needs uncompressed: modules of kinds
+        slimfit does not handle, and attention modules found at their first forward not to run compressed."""
+        return self._patch.unsupported
+
     def memory_report(self, inputs: Any = None) -> dict[str, int]:
         """Bytes currently held, by category.
 
         Keys: ``weights`` (all parameters), ``trainable_weights`` (those with ``requires_grad``), ``gradients``,
         ``optimizer_state`` (on the parameters' device), ``optimizer_state_offloaded`` (in host memory for
         accelerator parameters), and ``cuda_max_memory_allocated`` when the model is on CUDA.
+        ``uncompressed_modules`` is the number of modules named in :attr:`uncompressed_modules` (a count, not
+        bytes), so a report never hides that part of the model saved its activations in full.
 
         With ``inputs`` (a dict of keyword arguments, a tuple of positional ones, or a single tensor for the
         model), also ``saved_activations``: the bytes the autograd graph holds for backward after one forward
@@ -372,6 +380,7 @@ class SlimFit:
         }
         if inputs is not None:
             report["saved_activations"] = self._measure_saved_bytes(inputs)
+        report["uncompressed_modules"] = len(self.uncompressed_modules)
         devices = {p.device for p in params if p.device.type == "cuda"}
         if devices:
             report["cuda_max_memory_allocated"] = sum(torch.cuda.max_memory_allocated(d) for d in devices)

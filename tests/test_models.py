@@ -9,11 +9,13 @@ import pytest
 import torch
 import transformers
 from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import AttentionInterface
 
+from slimfit.core import SlimFit
 from slimfit.memory import SavedTensorMeter
 from slimfit.models import patch
-from slimfit.models.hf import _Dispatcher
+from slimfit.models.hf import IMPLEMENTATION
 from slimfit.policy import CompressionPolicy
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
@@ -153,35 +155,86 @@ def test_nothing_below_the_lowest_trainable_layer_is_saved():
     assert saved == (3 * 32 + 4) + (3 * 2 * 4 + 3 * 8 + 4)
 
 
-def test_patch_marks_modules_and_remove_restores_everything():
-    model, _ = _build("bert")
+def _attn_implementations(model: nn.Module) -> set[str]:
+    return {m.config._attn_implementation for m in model.modules() if hasattr(m, "config")}
+
+
+def test_patch_switches_attention_and_remove_restores_everything():
+    model, kind = _build("bert")
+    model.train()
     original_sdpa = AttentionInterface._global_mapping["sdpa"]
     before = _classes(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     handle = patch(model, CompressionPolicy())
-    # Other tests may still hold patched models, so the wrapper can be installed already.
-    assert isinstance(AttentionInterface._global_mapping["sdpa"], _Dispatcher)
-    assert len(handle.attention) == 2
+    assert _attn_implementations(model) == {IMPLEMENTATION}
+    assert AttentionInterface._global_mapping["sdpa"] is original_sdpa  # nothing process-wide is wrapped
+    assert handle.attention == [f"bert.encoder.layer.{i}.attention.self" for i in range(2)]
     assert isinstance(model.bert.encoder.layer[0].intermediate.dense, nn.Linear)
     assert type(model.bert.encoder.layer[0].intermediate.dense) is not nn.Linear
     assert model.state_dict().keys() == state.keys()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every attention module runs compressed: no warning
+        model(**_batch(kind)).loss.backward()
+    assert handle.unsupported == []
     with pytest.raises(ValueError, match="already patched"):
         patch(model, CompressionPolicy())
     handle.remove()
     handle.remove()  # idempotent
     assert _classes(model) == before
-    assert AttentionInterface._global_mapping["sdpa"] is original_sdpa
+    assert _attn_implementations(model) == {"sdpa"}
     assert not any("slimfit" in k for m in model.modules() for k in vars(m))
+    assert not any(m._forward_hooks for m in model.modules())
 
 
-def test_two_patched_models_share_the_registry_wrapper():
-    (a, _), (b, _) = _build("bert"), _build("distilbert")
-    original_sdpa = AttentionInterface._global_mapping["sdpa"]
-    ha, hb = patch(a, CompressionPolicy()), patch(b, CompressionPolicy())
-    ha.remove()
-    assert isinstance(AttentionInterface._global_mapping["sdpa"], _Dispatcher)  # b still needs it
-    hb.remove()
-    assert AttentionInterface._global_mapping["sdpa"] is original_sdpa
+def test_attention_saves_compressed_and_other_models_keep_theirs():
+    """The attention's own saved bytes shrink in the patched model; an unpatched model alive at the same time saves
+    exactly what it saved before."""
+    (a, kind), (b, _) = _build("bert"), _build("bert")
+    a.train(), b.train()
+    batch = _batch(kind)
+    no_attention = CompressionPolicy(attention=None)
+    _, _, b_before = _step(b, batch)
+    handle = patch(a, no_attention)
+    _, _, plain_attention = _step(a, batch)
+    handle.remove()
+    handle = patch(a, CompressionPolicy())
+    _, _, compressed_attention = _step(a, batch)
+    _, _, b_during = _step(b, batch)
+    handle.remove()
+    # fp32 q, k, v and output (4 x 3 x 12 x 32 floats per layer, 2 layers) become 8-bit q, k, v.
+    assert plain_attention - compressed_attention >= 2 * (4 * 3 * 12 * 32 * 4 - 3 * 3 * 12 * 32) * 0.9
+    assert b_during == b_before
+    assert _attn_implementations(b) == {"sdpa"}
+
+
+def test_attention_that_bypasses_the_registry_is_reported(monkeypatch):
+    """A transformers release whose attention stops calling the registry is named, never silently uncompressed."""
+    from transformers.models.bert import modeling_bert
+
+    def direct_sdpa(self, hidden_states, attention_mask=None, **kwargs):
+        shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
+        q, k, v = (f(hidden_states).view(shape).transpose(1, 2) for f in (self.query, self.key, self.value))
+        out, _ = sdpa_attention_forward(self, q, k, v, attention_mask, scaling=self.scaling)
+        return out.reshape(*hidden_states.shape[:-1], -1), None
+
+    monkeypatch.setattr(modeling_bert.BertSelfAttention, "forward", direct_sdpa)
+    model, kind = _build("bert")
+    sf = SlimFit(model, torch.optim.AdamW(model.parameters()), freeze_ratio=0.5)
+    assert sf.memory_report()["uncompressed_modules"] == 0  # not known before the first forward
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = sf.memory_report(_batch(kind))
+    assert [str(w.message) for w in caught if w.category is RuntimeWarning] == [
+        "slimfit: attention of 2 module(s) runs UNCOMPRESSED, keeping full q, k, v and output for backward: "
+        + ", ".join(sf.uncompressed_modules)
+        + " (see SlimFit.uncompressed_modules)"
+    ]
+    assert report["uncompressed_modules"] == 2
+    assert sf.uncompressed_modules == [
+        f"bert.encoder.layer.{i}.attention.self (BertSelfAttention: it does not call transformers' attention registry)"
+        for i in range(2)
+    ]
+    sf.remove()
 
 
 def test_one_warning_names_unsupported_modules():
@@ -201,6 +254,7 @@ def test_eager_attention_is_reported_unsupported():
     with pytest.warns(UserWarning, match="attn_implementation='eager'"):
         handle = patch(model, CompressionPolicy())
     assert handle.attention == []
+    assert _attn_implementations(model) == {"eager"}
     handle.remove()
 
 
@@ -264,16 +318,26 @@ def _bert_base_freeze_90(seed: int = 0):
 
 @pytest.mark.slow
 def test_bert_base_acceptance():
-    """BERT-base, batch 8 x 128, 90% frozen: >= 6x less saved than full fine-tuning; gradient cosine >= 0.99."""
+    """BERT-base, batch 8 x 128, 90% frozen: README's 12.1x less saved than full fine-tuning (held to 11.5x, measured
+    here against full fine-tuning of the same model and batch); gradient cosine >= 0.99 on every trainable tensor."""
     model, trainable = _bert_base_freeze_90()
     g = torch.Generator().manual_seed(0)
     batch = dict(input_ids=torch.randint(0, 30522, (8, 128), generator=g), labels=torch.tensor([0, 1] * 4))
-    ref_logits, ref_grads, _ = _step(model, batch)
+    chosen = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(True)
+    with SavedTensorMeter(model) as meter:
+        out = model(**batch)
+    full_fine_tuning = meter.live_bytes
+    del out
+    for n, p in model.named_parameters():
+        p.requires_grad_(chosen[n])
+    _, ref_grads, _ = _step(model, batch)
     handle = patch(model, CompressionPolicy())
     _, grads, saved = _step(model, batch)
+    assert handle.unsupported == []
     handle.remove()
-    full_fine_tuning = 873 * 2**20  # measured by SavedTensorMeter on the unpatched model, all layers trainable
-    assert saved * 6 <= full_fine_tuning, saved / 2**20
+    assert full_fine_tuning / saved >= 11.5, (full_fine_tuning / 2**20, saved / 2**20)
     for n in trainable:
         cos = torch.nn.functional.cosine_similarity(grads[n].flatten(), ref_grads[n].flatten(), dim=0)
         assert cos >= 0.99, (n, float(cos))
@@ -308,3 +372,38 @@ def test_autocast_bfloat16():
     handle.remove()
     assert got.dtype == torch.float32  # gradients keep the parameters' dtype
     assert torch.nn.functional.cosine_similarity(got, ref, dim=0) >= 0.99
+
+
+def test_grouped_query_attention_falls_back_and_is_named():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    ids = torch.randint(0, 100, (2, 8))
+    reference = model(input_ids=ids).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # RMSNorm is not compressed yet
+        handle = patch(model, CompressionPolicy())
+    with pytest.warns(RuntimeWarning, match="grouped-query attention is not supported"):
+        logits = model(input_ids=ids).logits
+    attention = "model.layers.0.self_attn (LlamaAttention: grouped-query attention is not supported)"
+    assert [name for name in handle.unsupported if "Attention" in name] == [attention]
+    torch.testing.assert_close(logits, reference)  # transformers' own SDPA ran instead
+    handle.remove()
+
+
+def test_transformers_outside_the_tested_range_warns(monkeypatch):
+    from slimfit.models import hf
+
+    monkeypatch.setattr(hf, "transformers_version", lambda: (6, 1))
+    monkeypatch.setattr(hf, "_version_warned", False)
+    model, _ = _build("bert")
+    with pytest.warns(UserWarning, match=r"transformers .* is outside the tested range >=5\.0,<6\.0"):
+        handle = patch(model, CompressionPolicy())
+    handle.remove()

@@ -6,12 +6,14 @@ Modules are patched by type, in place: an instance's ``__class__`` becomes a sub
 
 - torch modules of exactly these types: ``nn.Linear``, ``nn.LayerNorm``, ``nn.Dropout``, ``nn.GELU``, ``nn.ReLU``,
   ``nn.SiLU``, ``nn.Tanh``, ``nn.Sigmoid`` (the generic path: any model built from them);
-- transformers activation classes (GELU variants, SiLU) and attention modules that dispatch through the
-  attention-function registry with ``attn_implementation="sdpa"``: BERT, RoBERTa, ELECTRA, DistilBERT, ViT,
-  DeiT and other 5.x models (:mod:`slimfit.models.hf`).
+- transformers activation classes (GELU variants, SiLU), and attention of models whose config selects
+  ``attn_implementation="sdpa"``: the config is switched to slimfit's own registered implementation
+  (:mod:`slimfit.models.hf`; BERT, RoBERTa, ELECTRA, DistilBERT, ViT, DeiT and other 5.x models).
 
 Leaf modules that hold parameters or compute an activation or attention we do not handle (e.g. ``nn.Conv2d``,
-``nn.MultiheadAttention``, eager attention) stay uncompressed; one warning names them.
+``nn.MultiheadAttention``, eager attention) stay uncompressed; one warning names them. Attention modules are also
+checked at their first forward: one that did not run through slimfit's attention is named in a warning and added
+to :attr:`PatchHandle.unsupported`.
 """
 
 from __future__ import annotations
@@ -39,33 +41,39 @@ class PatchHandle:
 
     Attributes:
         patched: module name -> original class, for every module whose class was switched.
-        attention: names of attention modules routed to compressed SDPA.
-        unsupported: ``"name (ClassName)"`` of modules left uncompressed.
+        attention: names of attention modules routed to slimfit's attention implementation.
+        unsupported: ``"name (ClassName...)"`` of modules left uncompressed, including attention modules found
+            at their first forward not to run compressed.
     """
 
     model: nn.Module | None = field(repr=False)
     policy: CompressionPolicy | None
     patched: dict[str, type] = field(default_factory=dict)
-    attention: list[str] = field(default_factory=list)
-    unsupported: list[str] = field(default_factory=list)
     # The module objects themselves, so remove() works even if the model was re-wrapped or re-arranged since.
     _switched: list[tuple[nn.Module, type]] = field(default_factory=list, repr=False)
-    _marked: list[nn.Module] = field(default_factory=list, repr=False)
-    _uses_dispatcher: bool = field(default=False, repr=False)
+    _static_unsupported: list[str] = field(default_factory=list, repr=False)
+    _route: hf.AttentionRoute | None = field(default=None, repr=False)
+
+    @property
+    def attention(self) -> list[str]:
+        return list(self._route.routed) if self._route is not None else []
+
+    @property
+    def unsupported(self) -> list[str]:
+        route = self._route
+        return self._static_unsupported + (route.unsupported + route.uncompressed if route is not None else [])
 
     def remove(self) -> None:
-        """Restore every patched module's original class and drop slimfit's attributes (idempotent)."""
+        """Restore every patched module's original class and attention implementation (idempotent)."""
         if self.model is None:
             return
         for m, cls in self._switched:
             m.__class__ = cls
             m.__dict__.pop(_POLICY_ATTR, None)
-        for m in self._marked:
-            m.__dict__.pop(hf.ATTENTION_ATTR, None)
-        if self._uses_dispatcher:
-            hf.DISPATCHER.release()
+        if self._route is not None:
+            self._route.restore()
         self.model = None
-        self.patched, self.attention, self._switched, self._marked = {}, [], [], []
+        self.patched, self._switched, self._route = {}, [], None
 
 
 def patch(model: nn.Module, policy: CompressionPolicy | None) -> PatchHandle:
@@ -82,9 +90,10 @@ def patch(model: nn.Module, policy: CompressionPolicy | None) -> PatchHandle:
     handle = PatchHandle(model, policy)
     if policy is None:
         return handle
-    already = [n for n, m in model.named_modules() if _POLICY_ATTR in m.__dict__ or hf.ATTENTION_ATTR in m.__dict__]
+    already = [n for n, m in model.named_modules() if _POLICY_ATTR in m.__dict__]
     if already:
         raise ValueError(f"model is already patched (e.g. module {already[0]!r}); call remove() on its handle first")
+    handle._route = hf.route_attention(model, policy.attention)
 
     hf_acts = hf.activation_classes()
     for name, m in model.named_modules():
@@ -97,19 +106,8 @@ def patch(model: nn.Module, policy: CompressionPolicy | None) -> PatchHandle:
             handle._switched.append((m, cls))
             m.__class__ = target
             setattr(m, _POLICY_ATTR, policy)
-        elif hf.is_registry_attention(m):
-            impl = hf.attention_implementation(m)
-            if impl != "sdpa":
-                handle.unsupported.append(f"{name} ({cls.__name__}, attn_implementation={impl!r})")
-            elif policy.attention is not None:
-                setattr(m, hf.ATTENTION_ATTR, policy.attention)
-                handle.attention.append(name)
-                handle._marked.append(m)
         elif isinstance(m, nn.MultiheadAttention) or _is_unsupported_leaf(m):
-            handle.unsupported.append(f"{name} ({cls.__name__})")
-    if handle.attention and hf.DISPATCHER.available:
-        hf.DISPATCHER.acquire()
-        handle._uses_dispatcher = True
+            handle._static_unsupported.append(f"{name} ({cls.__name__})")
     if handle.unsupported:
         warnings.warn(
             f"slimfit: {len(handle.unsupported)} module(s) stay uncompressed: {', '.join(handle.unsupported)}",
