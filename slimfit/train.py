@@ -206,7 +206,7 @@ def check_model(
     for limit, source in limits:
         if isinstance(limit, int) and config.max_length > limit:
             raise DataError(
-                f"--max-length: {config.max_length} tokens is more than the model takes ({limit}, {source})"
+                f"--max-length: {config.max_length} tokens is more than the model takes (at most {limit}: {source})"
             )
 
 

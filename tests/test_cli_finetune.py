@@ -246,7 +246,7 @@ def test_bundled_model_is_named_and_too_long_texts_are_refused(assets, tmp_path)
     assert process.returncode == 2 and process.stdout == ""
     assert process.stderr.strip().splitlines() == [
         "slimfit: error: --max-length: 4096 tokens is more than the model takes "
-        "(512, max_position_embeddings in "
+        "(at most 512: max_position_embeddings in "
         f"{train.default_model_path()}/config.json)"
     ]
     argv = [*data, "--max-length", "16", "--batch-size", "8", "--max-steps", "1", "--quiet", "--output", "run"]
@@ -263,7 +263,7 @@ def test_bundled_model_is_named_and_too_long_texts_are_refused(assets, tmp_path)
 def test_max_length_beyond_the_models_positions(assets, tmp_path, capsys):
     argv = finetune(assets, "--output", str(tmp_path / "o"))
     argv[argv.index("--max-length") + 1] = "65"  # the tiny BERT has 64 positions
-    expect_error(capsys, argv, "--max-length: 65 tokens", "(64, max_position_embeddings in")
+    expect_error(capsys, argv, "--max-length: 65 tokens", "(at most 64: max_position_embeddings in")
     assert list(tmp_path.iterdir()) == []
 
 
