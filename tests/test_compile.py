@@ -107,14 +107,73 @@ def graph_count() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def test_compiled_model_trains_like_eager_without_graph_breaks():
-    eager, _, _, eager_sf = run(None, 8)
-    compiled, _, sets, sf = run("model", 8)
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
-    assert sf.trainable_layers() == eager_sf.trainable_layers()
+def train_recording(backend, steps: int = 8) -> dict:
+    """Train Net under SlimFit at freeze ratio 0.5 (compiled with ``backend``, or eager for None) and record what a
+    stale graph would get wrong: per step the trainable set, which parameters received a gradient and the loss, then
+    the final weights."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = Net()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    sf = SlimFit(net, opt, freeze_ratio=0.5, seed=0)
+    model = net if backend is None else torch.compile(net, backend=backend)
+    record = {"sets": [], "graded": [], "requires_grad": [], "losses": []}
+    for x, y in data(steps):
+        record["sets"].append(tuple(sf.trainable_layers()))
+        loss = (model(x) - y).square().mean()
+        loss.backward()
+        record["graded"].append({n for n, p in net.named_parameters() if p.grad is not None})
+        record["requires_grad"].append({n for n, p in net.named_parameters() if p.requires_grad})
+        opt.step()
+        sf.step()
+        opt.zero_grad()
+        record["losses"].append(loss.item())
+    record["sets"].append(tuple(sf.trainable_layers()))  # and the one chosen after the last step
+    record["weights"] = {n: p.detach().clone() for n, p in net.named_parameters()}
+    return record
+
+
+def check_compiled_matches_eager(compiled: dict, eager: dict) -> None:
+    # The schedule really moves: several distinct sets, so the compiled model has to follow requires_grad changes.
+    assert len(set(eager["sets"])) >= 3, eager["sets"]
+    for step, (graded, wanted) in enumerate(zip(compiled["graded"], compiled["requires_grad"], strict=True)):
+        # A graph compiled for an earlier set would give frozen layers a gradient and leave thawed ones without.
+        assert graded == wanted, f"step {step}: gradients for {sorted(graded ^ wanted)} disagree with requires_grad"
+    assert compiled["sets"] == eager["sets"]
+    torch.testing.assert_close(compiled["losses"], eager["losses"], rtol=1e-5, atol=1e-6)
+    for name, weight in eager["weights"].items():
+        torch.testing.assert_close(
+            compiled["weights"][name], weight, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+def test_compiled_model_follows_a_changing_trainable_set_like_eager_without_graph_breaks():
+    """8 steps at freeze ratio 0.5 (6 distinct sets): compiled losses, gradients, schedule and final weights equal
+    eager's (measured: exactly equal with aot_eager)."""
+    eager = train_recording(None)
+    counters.clear()
+    compiled = train_recording("aot_eager")
+    check_compiled_matches_eager(compiled, eager)
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     # One graph per distinct trainable set; a set seen again reuses its graph.
-    assert 1 <= graph_count() <= len(sets)
+    assert 1 <= graph_count() <= len(set(compiled["sets"]))
+
+
+def test_a_stale_compiled_graph_would_be_caught():
+    """The check above is not vacuous: a backend that keeps serving the graph compiled for the first trainable set
+    (i.e. ignores the requires_grad changes Dynamo guards on) fails it."""
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+    first = []
+
+    def stale(gm, example_inputs):
+        if not first:
+            first.append(aot_eager(gm, example_inputs))
+        return first[0]
+
+    eager = train_recording(None, steps=4)
+    check_compiled_matches_eager(eager, eager)  # 4 steps already see enough distinct sets
+    with pytest.raises(AssertionError, match=r"step 1: gradients for .* disagree with requires_grad"):
+        check_compiled_matches_eager(train_recording(stale, steps=4), eager)
 
 
 def test_regional_compilation_bounds_recompiles_by_distinct_block_states():
