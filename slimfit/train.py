@@ -115,6 +115,8 @@ class RunResult:
     eval_log: list[dict[str, Any]] = field(default_factory=list)
     layers: list[str] = field(default_factory=list)
     schedule: list[list[bool]] = field(default_factory=list)
+    # Modules that kept their activations uncompressed (see SlimFit.uncompressed_modules); None: nothing compresses.
+    uncompressed_modules: list[str] | None = None
 
 
 def default_model_path() -> Path:
@@ -497,6 +499,7 @@ def run(config: FinetuneConfig, task: Task, progress: bool = True) -> RunResult:
     # The first step pays one-off costs (allocator warm-up, lazy init); leave it out of the per-step time.
     timed = [row["seconds"] for row in step_log[1:]] or [row["seconds"] for row in step_log]
     report = meter.report()
+    uncompressed = scheduled.uncompressed_modules if config.method == "slimfit" else None
     if scheduled is not None:
         scheduled.remove()
     return RunResult(
@@ -515,6 +518,7 @@ def run(config: FinetuneConfig, task: Task, progress: bool = True) -> RunResult:
         eval_log=eval_log,
         layers=layers,
         schedule=schedule,
+        uncompressed_modules=uncompressed,
     )
 
 
@@ -541,6 +545,8 @@ def render_table(result: RunResult) -> str:
         ("total time", f"{result.seconds:.1f} s"),
     ]
     rows += [(f"memory: {category}", human_bytes(value)) for category, value in result.memory.items()]
+    if result.uncompressed_modules is not None:
+        rows.append(("uncompressed modules", ", ".join(result.uncompressed_modules) or "none"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
@@ -586,6 +592,7 @@ def write_run(result: RunResult, config: FinetuneConfig, folder: Path, task: Tas
         "f1": result.f1,
         "lr": result.lr,
         "memory": result.memory,
+        "uncompressed_modules": result.uncompressed_modules,
         "steps": result.steps,
         "seconds": result.seconds,
         "seconds_per_step": result.seconds_per_step,

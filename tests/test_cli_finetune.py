@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,6 +74,9 @@ def test_finetune_writes_metrics_log_and_plots(assets, tmp_path, capsys, method)
     assert metrics["config"]["text_column"] == "body" and metrics["config"]["method"] == method
     assert metrics["config"]["model"] == str(assets["model"])
     assert metrics["labels"] == ["sport", "tech"]
+    # Every module of the tiny BERT compresses under slimfit; full fine-tuning compresses nothing.
+    assert metrics["uncompressed_modules"] == ([] if method == "slimfit" else None)
+    assert bool(re.search(r"^uncompressed modules +none$", printed, re.MULTILINE)) == (method == "slimfit")
 
     with (output / "steps.csv").open() as handle:
         rows = list(csv.DictReader(handle))
@@ -325,3 +329,25 @@ def test_debug_shows_the_traceback(assets, tmp_path, capsys, failing_optimizer, 
     assert err.startswith("Traceback (most recent call last):")
     assert "optimizer.step()" in err and err.rstrip().endswith("RuntimeError: injected failure\nsecond line")
     assert "slimfit: error" not in err and list(tmp_path.iterdir()) == []
+
+
+def test_attention_left_uncompressed_is_reported(assets, tmp_path, capsys, monkeypatch):
+    """A model whose attention bypasses transformers' registry still trains, and the run says so."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.bert import modeling_bert
+
+    def direct_sdpa(self, hidden_states, attention_mask=None, **kwargs):
+        shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
+        q, k, v = (f(hidden_states).view(shape).transpose(1, 2) for f in (self.query, self.key, self.value))
+        out, _ = sdpa_attention_forward(self, q, k, v, attention_mask, scaling=self.scaling)
+        return out.reshape(*hidden_states.shape[:-1], -1), None
+
+    monkeypatch.setattr(modeling_bert.BertSelfAttention, "forward", direct_sdpa)
+    output = tmp_path / "run"
+    with pytest.warns(RuntimeWarning, match="UNCOMPRESSED"):
+        assert cli.main(finetune(assets, "--output", str(output))) == 0
+    names = [f"bert.encoder.layer.{i}.attention.self" for i in range(2)]
+    printed = capsys.readouterr().out
+    assert all(name in printed.split("uncompressed modules")[1] for name in names)
+    reported = json.loads((output / "metrics.json").read_text())["uncompressed_modules"]
+    assert [entry.split(" ")[0] for entry in reported] == names
