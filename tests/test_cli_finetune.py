@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
-from tiny_bert import save_tiny_bert, texts, write_csv  # noqa: E402
+from tiny_bert import bypass_attention_registry, save_tiny_bert, texts, write_csv  # noqa: E402
 
 from slimfit import cli, train  # noqa: E402
 from slimfit.data import DataError, load_dataset, stratified_split  # noqa: E402
@@ -333,16 +333,7 @@ def test_debug_shows_the_traceback(assets, tmp_path, capsys, failing_optimizer, 
 
 def test_attention_left_uncompressed_is_reported(assets, tmp_path, capsys, monkeypatch):
     """A model whose attention bypasses transformers' registry still trains, and the run says so."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.models.bert import modeling_bert
-
-    def direct_sdpa(self, hidden_states, attention_mask=None, **kwargs):
-        shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
-        q, k, v = (f(hidden_states).view(shape).transpose(1, 2) for f in (self.query, self.key, self.value))
-        out, _ = sdpa_attention_forward(self, q, k, v, attention_mask, scaling=self.scaling)
-        return out.reshape(*hidden_states.shape[:-1], -1), None
-
-    monkeypatch.setattr(modeling_bert.BertSelfAttention, "forward", direct_sdpa)
+    bypass_attention_registry(monkeypatch)
     output = tmp_path / "run"
     with pytest.warns(RuntimeWarning, match="UNCOMPRESSED"):
         assert cli.main(finetune(assets, "--output", str(output))) == 0

@@ -8,8 +8,8 @@ import warnings
 import pytest
 import torch
 import transformers
+from tiny_bert import bypass_attention_registry
 from torch import nn
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import AttentionInterface
 
 from slimfit.core import SlimFit
@@ -209,15 +209,7 @@ def test_attention_saves_compressed_and_other_models_keep_theirs():
 
 def test_attention_that_bypasses_the_registry_is_reported(monkeypatch):
     """A transformers release whose attention stops calling the registry is named, never silently uncompressed."""
-    from transformers.models.bert import modeling_bert
-
-    def direct_sdpa(self, hidden_states, attention_mask=None, **kwargs):
-        shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
-        q, k, v = (f(hidden_states).view(shape).transpose(1, 2) for f in (self.query, self.key, self.value))
-        out, _ = sdpa_attention_forward(self, q, k, v, attention_mask, scaling=self.scaling)
-        return out.reshape(*hidden_states.shape[:-1], -1), None
-
-    monkeypatch.setattr(modeling_bert.BertSelfAttention, "forward", direct_sdpa)
+    bypass_attention_registry(monkeypatch)
     model, kind = _build("bert")
     sf = SlimFit(model, torch.optim.AdamW(model.parameters()), freeze_ratio=0.5)
     assert sf.memory_report()["uncompressed_modules"] == 0  # not known before the first forward

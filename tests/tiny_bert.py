@@ -74,3 +74,18 @@ def tiny_classifier(seed: int = 0):
         num_labels=2,
     )
     return BertForSequenceClassification(config)
+
+
+def bypass_attention_registry(monkeypatch) -> None:
+    """Make BertSelfAttention call transformers' SDPA directly instead of through the attention registry, as a
+    refactored transformers release or a custom model could: slimfit must then report it uncompressed."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.bert import modeling_bert
+
+    def direct_sdpa(self, hidden_states, attention_mask=None, **kwargs):
+        shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
+        q, k, v = (f(hidden_states).view(shape).transpose(1, 2) for f in (self.query, self.key, self.value))
+        out, _ = sdpa_attention_forward(self, q, k, v, attention_mask, scaling=self.scaling)
+        return out.reshape(*hidden_states.shape[:-1], -1), None
+
+    monkeypatch.setattr(modeling_bert.BertSelfAttention, "forward", direct_sdpa)
