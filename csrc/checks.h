@@ -3,11 +3,23 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <initializer_list>
 #include <tuple>
+#include <utility>
 
 #include "common.h"
 
 namespace slimfit {
+
+// Every tensor argument must be on the device of the first: a kernel reads all of them through that device's
+// pointers, so a host tensor passed to a CUDA kernel (or one on another GPU) would be an illegal memory access.
+inline void check_same_device(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> args) {
+  const auto& [first_name, first] = *args.begin();
+  for (const auto& [name, tensor] : args) {
+    TORCH_CHECK(tensor->device() == first->device(), "slimfit::", op, ": ", name, " must be on the device of ",
+                first_name, " (", first->device(), "), got ", tensor->device());
+  }
+}
 
 inline void check_quant_args(const char* op, int64_t bits, int64_t group_size) {
   TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "slimfit::", op, ": bits must be 2, 4 or 8, got ", bits);
@@ -18,6 +30,7 @@ inline void check_quant_args(const char* op, int64_t bits, int64_t group_size) {
 inline int64_t check_dequantize_args(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& offset,
                                      int64_t bits, int64_t group_size, at::IntArrayRef shape) {
   check_quant_args("dequantize", bits, group_size);
+  check_same_device("dequantize", {{"codes", &codes}, {"scale", &scale}, {"offset", &offset}});
   const int64_t n = c10::multiply_integers(shape);
   const int64_t num_groups = (n + group_size - 1) / group_size;
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.numel() == (n * bits + 7) / 8,
@@ -56,6 +69,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_sparse(const at::Ten
 // Checks a densify call against the container layout; returns the layout of `shape`.
 inline RowLayout check_densify_args(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& offsets,
                                     at::IntArrayRef shape) {
+  check_same_device("densify", {{"values", &values}, {"indices", &indices}, {"block_offsets", &offsets}});
   const int64_t n = shape.empty() ? 1 : shape.back();
   const int64_t rows = c10::multiply_integers(shape.slice(0, shape.empty() ? 0 : shape.size() - 1));
   TORCH_CHECK(values.dim() == 2 && values.size(0) == rows && values.size(1) <= n,
@@ -67,6 +81,21 @@ inline RowLayout check_densify_args(const at::Tensor& values, const at::Tensor& 
                   offsets.size(1) == num_blocks,
               "slimfit::densify: block_offsets must be int32 [rows, ", num_blocks, "]");
   return {rows, n, num_blocks};
+}
+
+// Checks an update_norms call: a known metric and pairs of equal shape and dtype, all on before[0]'s device.
+inline void check_update_norms_args(at::TensorList before, at::TensorList after, c10::string_view metric) {
+  TORCH_CHECK(metric == "rel_l2" || metric == "rel_l1_mean",
+              "slimfit::update_norms: metric must be 'rel_l2' or 'rel_l1_mean', got ", metric);
+  TORCH_CHECK(before.size() == after.size(), "slimfit::update_norms: before and after differ in length");
+  for (size_t p = 0; p < before.size(); ++p) {
+    TORCH_CHECK(before[p].sizes() == after[p].sizes() && before[p].scalar_type() == after[p].scalar_type(),
+                "slimfit::update_norms: pair ", p, " differs in shape or dtype");
+    TORCH_CHECK(before[p].device() == before[0].device(), "slimfit::update_norms: before[", p,
+                "] must be on the device of before[0] (", before[0].device(), "), got ", before[p].device());
+    TORCH_CHECK(after[p].device() == before[0].device(), "slimfit::update_norms: after[", p,
+                "] must be on the device of before[0] (", before[0].device(), "), got ", after[p].device());
+  }
 }
 
 }  // namespace slimfit

@@ -50,6 +50,14 @@ def _check_float_tensor(name: str, x) -> None:
         raise ValueError(f"{name} must have dtype float32, float16 or bfloat16, got {x.dtype}")
 
 
+def _check_same_device(tensors: dict[str, torch.Tensor]) -> None:
+    """Every tensor of one call on the first one's device: kernels read them all through that device."""
+    items = list(tensors.items())
+    for name, t in items[1:]:
+        if t.device != items[0][1].device:
+            raise ValueError(f"{name} must be on the device of {items[0][0]} ({items[0][1].device}), got {t.device}")
+
+
 def _draw_seed() -> int:
     """A 32-bit seed from torch's default generator, so stochastic rounding follows torch.manual_seed."""
     return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
@@ -77,6 +85,7 @@ def dequantize(q: QuantizedTensor) -> torch.Tensor:
     """Restore a :class:`QuantizedTensor` to its original shape, dtype and device."""
     if not isinstance(q, QuantizedTensor):
         raise TypeError(f"q must be a QuantizedTensor, got {type(q).__name__}")
+    _check_same_device({"q.codes": q.codes, "q.scale": q.scale, "q.offset": q.offset})
     fn = _kernel("dequantize", q.codes.device)
     return fn(q.codes, q.scale, q.offset, q.bits, q.group_size, list(q.shape), q.dtype)
 
@@ -110,6 +119,7 @@ def densify(s: SparseTensor) -> torch.Tensor:
     """Dense tensor of ``s``'s original shape, dtype and device: kept values, zero elsewhere."""
     if not isinstance(s, SparseTensor):
         raise TypeError(f"s must be a SparseTensor, got {type(s).__name__}")
+    _check_same_device({"s.values": s.values, "s.indices": s.indices, "s.block_offsets": s.block_offsets})
     fn = _kernel("densify", s.values.device)
     return fn(s.values, s.indices, s.block_offsets, list(s.shape))
 
@@ -179,6 +189,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("slimfit::dequantize")
     def _dequantize_fake(codes, scale, offset, bits, group_size, shape, dtype):
+        _check_same_device({"codes": codes, "scale": scale, "offset": offset})
         return codes.new_empty(shape, dtype=dtype)
 
     if "sparsify" not in ops:  # an extension built before these ops existed
@@ -197,6 +208,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("slimfit::densify")
     def _densify_fake(values, indices, block_offsets, shape):
+        _check_same_device({"values": values, "indices": indices, "block_offsets": block_offsets})
         return values.new_empty(shape)
 
     @torch.library.register_fake("slimfit::pack_bits")
@@ -209,6 +221,9 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("slimfit::update_norms")
     def _update_norms_fake(before, after, metric, eps):
+        _check_same_device(
+            {f"{side}[{i}]": t for side, seq in (("before", before), ("after", after)) for i, t in enumerate(seq)}
+        )
         return before[0].new_empty(len(before), dtype=torch.float32)
 
 

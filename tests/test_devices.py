@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
+from slimfit._extension import STATUS, has_kernel
 from slimfit.nn._rng import replay, rng_state
 from slimfit.optim_state import OptimizerStateManager
 
@@ -178,3 +179,18 @@ def test_rng_replay_on_cpu_restores_the_generator():
 def test_rng_replay_refuses_a_device_without_a_generator_module():
     with pytest.raises(ValueError, match=r"RNG replay needs .* got device meta"):
         rng_state(torch.device("meta"))
+
+
+@pytest.mark.skipif(not STATUS.loaded, reason="extension not loaded")
+def test_update_norms_op_refuses_pairs_on_different_devices():
+    before, after = [torch.randn(3), torch.randn(5)], [torch.randn(3), torch.randn(5, device="meta")]
+    # Called directly, a meta tensor sends the op to its fake kernel, which must refuse rather than invent a result.
+    with pytest.raises(ValueError, match=r"after\[1\] must be on the device of before\[0\] \(cpu\), got meta"):
+        torch.ops.slimfit.update_norms(before, after, "rel_l2", 1e-12)
+    if has_kernel("update_norms", "CPU"):  # straight into the kernel, as the dispatcher sends CUDA a host tensor
+        cpu_kernel = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+        with pytest.raises(
+            RuntimeError,
+            match=r"slimfit::update_norms: after\[1\] must be on the device of before\[0\] \(cpu\), got meta",
+        ):
+            torch.ops.slimfit.update_norms.default.redispatch(cpu_kernel, before, after, "rel_l2", 1e-12)

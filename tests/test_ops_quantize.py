@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -211,3 +213,26 @@ def test_signed_zeros_match_reference(device, values):
     x = torch.tensor(values)
     for bits in (8, 4, 2):
         assert_same(torch.ops.slimfit.quantize(x.to(device), bits, 32, None), reference.quantize(x, bits, 32, None))
+
+
+@pytest.mark.skipif(not STATUS.loaded, reason="extension not loaded")
+def test_parts_on_different_devices_are_refused():
+    q = ops.quantize(torch.randn(300))
+    with pytest.raises(ValueError, match=r"q\.scale must be on the device of q\.codes \(cpu\), got meta"):
+        ops.dequantize(dataclasses.replace(q, scale=q.scale.to("meta")))
+    # Called directly, a meta part sends the op to its fake kernel, which must refuse rather than invent a result.
+    with pytest.raises(ValueError, match=r"offset must be on the device of codes \(cpu\), got meta"):
+        torch.ops.slimfit.dequantize(q.codes, q.scale, q.offset.to("meta"), 8, 128, [300], torch.float32)
+
+
+@pytest.mark.skipif(not has_kernel("dequantize", "CPU"), reason="no compiled CPU kernel")
+def test_kernel_refuses_parts_on_different_devices():
+    # Straight into the CPU kernel with a meta part, as the dispatcher sends a CUDA kernel a host scale: the
+    # shared check must stop it before any data is read.
+    q = ops.quantize(torch.randn(300))
+    cpu_kernel = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+    dequantize = torch.ops.slimfit.dequantize.default
+    with pytest.raises(
+        RuntimeError, match=r"slimfit::dequantize: scale must be on the device of codes \(cpu\), got meta"
+    ):
+        dequantize.redispatch(cpu_kernel, q.codes, q.scale.to("meta"), q.offset, 8, 128, [300], torch.float32)

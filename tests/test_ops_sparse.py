@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -171,3 +172,26 @@ def test_bad_input():
         ops.sparsify(torch.arange(4))
     with pytest.raises(TypeError, match="s must be a SparseTensor"):
         ops.densify(torch.randn(3))
+
+
+@pytest.mark.skipif(not STATUS.loaded, reason="extension not loaded")
+def test_parts_on_different_devices_are_refused():
+    s = ops.sparsify(torch.randn(4, 30), keep=0.1)
+    with pytest.raises(ValueError, match=r"s\.indices must be on the device of s\.values \(cpu\), got meta"):
+        ops.densify(dataclasses.replace(s, indices=s.indices.to("meta")))
+    # Called directly, a meta part sends the op to its fake kernel, which must refuse rather than invent a result.
+    with pytest.raises(ValueError, match=r"block_offsets must be on the device of values \(cpu\), got meta"):
+        torch.ops.slimfit.densify(s.values, s.indices, s.block_offsets.to("meta"), [4, 30])
+
+
+@pytest.mark.skipif(not has_kernel("densify", "CPU"), reason="no compiled CPU kernel")
+def test_kernel_refuses_parts_on_different_devices():
+    # Straight into the CPU kernel with a meta part, as the dispatcher sends a CUDA kernel host indices: the
+    # shared check must stop it before any data is read.
+    s = ops.sparsify(torch.randn(4, 30), keep=0.1)
+    cpu_kernel = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+    densify = torch.ops.slimfit.densify.default
+    with pytest.raises(
+        RuntimeError, match=r"slimfit::densify: indices must be on the device of values \(cpu\), got meta"
+    ):
+        densify.redispatch(cpu_kernel, s.values, s.indices.to("meta"), s.block_offsets, [4, 30])

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "../checks.h"
 #include "../common.h"
 
 namespace slimfit {
@@ -35,16 +36,12 @@ void chunk_sums(const scalar_t* b, const scalar_t* a, int64_t begin, int64_t end
 
 at::Tensor update_norms_cpu(at::TensorList before_in, at::TensorList after_in, c10::string_view metric,
                             double eps) {
-  TORCH_CHECK(metric == "rel_l2" || metric == "rel_l1_mean",
-              "slimfit::update_norms: metric must be 'rel_l2' or 'rel_l1_mean', got ", metric);
-  TORCH_CHECK(before_in.size() == after_in.size(), "slimfit::update_norms: before and after differ in length");
+  check_update_norms_args(before_in, after_in, metric);
   const bool l2 = metric == "rel_l2";
   const int64_t pairs = static_cast<int64_t>(before_in.size());
   std::vector<at::Tensor> before, after;
   std::vector<int64_t> first_chunk(pairs + 1, 0);
   for (int64_t p = 0; p < pairs; ++p) {
-    TORCH_CHECK(before_in[p].sizes() == after_in[p].sizes() && before_in[p].scalar_type() == after_in[p].scalar_type(),
-                "slimfit::update_norms: pair ", p, " differs in shape or dtype");
     before.push_back(before_in[p].contiguous());
     after.push_back(after_in[p].contiguous());
     first_chunk[p + 1] = first_chunk[p] + (before[p].numel() + kNormChunk - 1) / kNormChunk;

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "../checks.h"
 #include "../common.h"
 #include "launch.h"
 
@@ -120,9 +121,7 @@ int32_t dtype_code(at::ScalarType t) {
 
 at::Tensor update_norms_cuda(at::TensorList before_in, at::TensorList after_in, c10::string_view metric,
                              double eps) {
-  TORCH_CHECK(metric == "rel_l2" || metric == "rel_l1_mean",
-              "slimfit::update_norms: metric must be 'rel_l2' or 'rel_l1_mean', got ", metric);
-  TORCH_CHECK(before_in.size() == after_in.size(), "slimfit::update_norms: before and after differ in length");
+  check_update_norms_args(before_in, after_in, metric);
   TORCH_CHECK(!before_in.empty(), "slimfit::update_norms: the CUDA kernel needs at least one pair");
   const at::Device device = before_in[0].device();
   const c10::cuda::CUDAGuard guard(device);
@@ -135,10 +134,6 @@ at::Tensor update_norms_cuda(at::TensorList before_in, at::TensorList after_in, 
   for (int64_t p = 0; p < num_pairs; ++p) {
     const at::Tensor& b = before_in[p];
     const at::Tensor& a = after_in[p];
-    TORCH_CHECK(b.sizes() == a.sizes() && b.scalar_type() == a.scalar_type(), "slimfit::update_norms: pair ", p,
-                " differs in shape or dtype");
-    TORCH_CHECK(b.device() == device && a.device() == device, "slimfit::update_norms: pair ", p,
-                " is not on ", device);
     keep_alive.push_back(b.contiguous());
     keep_alive.push_back(a.contiguous());
     host[p] = NormPair{keep_alive[2 * p].data_ptr(), keep_alive[2 * p + 1].data_ptr(), b.numel(), num_chunks,
