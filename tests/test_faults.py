@@ -1,4 +1,4 @@
-"""Faults: non-finite steps never poison the schedule; checkpoints survive a SIGKILL in the middle of a write.
+"""Faults: non-finite steps never poison the schedule; `slimfit finetune` killed while writing leaves no torn output.
 
 Covered elsewhere, not repeated here: a NaN gradient on one layer of a small MLP and all-zero Linear weights
 (tests/test_scheduler.py), ``load_state_dict`` with another model or freeze_ratio (tests/test_core.py).
@@ -6,13 +6,14 @@ Covered elsewhere, not repeated here: a NaN gradient on one layer of a small MLP
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,82 +117,91 @@ def test_zero_valued_weights_in_a_compressed_bert_score_finite(metric):
 
 # ---------------------------------------------------------------------------------------------- atomic writes
 
-WRITER = textwrap.dedent(
-    """
-    import sys
-    from pathlib import Path
-    import torch
-    from slimfit.integrations.hf import save_state
-
-    path = Path(sys.argv[1])
-    step = 0
-    while True:  # the parent kills us; each checkpoint is ~32 MB, so the kill lands inside a write
-        save_state({"step": step, "blob": torch.full((8_000_000,), float(step))}, path)
-        print(step, flush=True)
-        step += 1
-    """
-)
+# Files `slimfit finetune` writes into its output folder, in this order (metrics and the step log at once; each plot
+# takes ~0.1-0.7 s to draw, so the whole write spans about a second).
+OUTPUT_FILES = ("metrics.json", "steps.csv", "loss.png", "memory.png", "layers.png")
 
 
-def test_sigkill_during_checkpoint_write_leaves_previous_checkpoint_loadable(tmp_path):
-    """SIGKILL a process that keeps rewriting a large checkpoint with the Trainer callback's save_state
-    (temporary file + os.replace) while a temporary file is being written; the checkpoint still loads whole."""
-    path = tmp_path / "slimfit_state.pt"
-    script = tmp_path / "writer.py"
-    script.write_text(WRITER)
-    mid_write_kills = 0
-    for _ in range(3):
-        child = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True)
+@pytest.fixture(scope="module")
+def finetune_assets(tmp_path_factory):
+    pytest.importorskip("transformers")
+    pytest.importorskip("matplotlib")
+    from tiny_bert import save_tiny_bert, texts, write_csv
+
+    root = tmp_path_factory.mktemp("finetune")
+    return save_tiny_bert(root / "model"), write_csv(root / "news.csv", texts(40))
+
+
+def start_finetune(assets, output: Path, log: Path) -> subprocess.Popen:
+    """The installed `slimfit` command (a 3-step run on the tiny BERT), started outside the repo root."""
+    model, data = assets
+    command = Path(sys.executable).with_name("slimfit")
+    argv = [str(command)] if command.exists() else [sys.executable, "-m", "slimfit"]
+    argv += ["finetune", "--model", str(model), "--data", str(data), "--text-column", "body", "--label-column", "topic"]
+    argv += ["--batch-size", "8", "--max-steps", "3", "--max-length", "16", "--quiet", "--output", str(output)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    with log.open("w") as handle:  # a file, not a pipe nobody reads while the child runs
+        return subprocess.Popen(argv, cwd=log.parent, env=env, stdout=handle, stderr=subprocess.STDOUT)
+
+
+def written(folder: Path) -> dict[str, list[str]]:
+    """Every entry of ``folder`` and, for sub-folders, the files in them."""
+    entries = {}
+    for entry in folder.iterdir():
         try:
-            assert child.stdout.readline().strip() != ""  # one full checkpoint exists
-            deadline = time.monotonic() + 60
-            while not any(p.name.startswith(f".{path.name}.") for p in tmp_path.iterdir()):
-                assert time.monotonic() < deadline, "writer never started another checkpoint"
-                time.sleep(0.001)
-            os.kill(child.pid, signal.SIGKILL)
-            mid_write_kills += 1
-        finally:
-            child.kill()
-            child.wait(timeout=60)
-        assert child.returncode == -signal.SIGKILL
-        state = torch.load(path, weights_only=True)
-        assert state["blob"].numel() == 8_000_000
-        assert bool((state["blob"] == float(state["step"])).all())  # not torn: one step's data throughout
-    assert mid_write_kills == 3
-    # The killed writes left only hidden temporaries behind, never a half-written checkpoint under the name.
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["slimfit_state.pt", "writer.py"]
+            entries[entry.name] = sorted(p.name for p in entry.iterdir()) if entry.is_dir() else []
+        except FileNotFoundError:  # renamed between listing and reading
+            continue
+    return entries
 
 
-STAGER = textwrap.dedent(
-    """
-    import sys
-    from slimfit.train import staged_output
-
-    with staged_output(sys.argv[1]) as folder:
-        (folder / "metrics.json").write_text("{}")
-        with (folder / "steps.csv").open("w") as handle:
-            handle.write("step,loss\\n")
-            print("writing", flush=True)
-            while True:  # killed while still writing
-                handle.write("1,0.5\\n" * 1000)
-    """
-)
-
-
-def test_sigkill_during_cli_output_write_leaves_no_output_folder(tmp_path):
-    """``slimfit finetune`` writes its --output folder through staged_output: killed mid-write, the target
-    folder does not appear at all (only a hidden ``.<name>.*.partial`` folder is left)."""
-    target = tmp_path / "run"
-    script = tmp_path / "stager.py"
-    script.write_text(STAGER)
-    child = subprocess.Popen([sys.executable, str(script), str(target)], stdout=subprocess.PIPE, text=True)
+def kill_once_writing(child: subprocess.Popen, outputs: Path, files_begun: int, log: Path) -> dict[str, list[str]]:
+    """SIGKILL ``child`` once a new entry has appeared in ``outputs`` holding at least ``files_begun`` files; returns
+    the new entries. The child is stopped (SIGSTOP) the moment that is seen, so what is returned is exactly what
+    the kill leaves behind."""
+    before = set(written(outputs))
     try:
-        assert child.stdout.readline().strip() == "writing"
+        deadline = time.monotonic() + 300
+        while True:
+            new = {name: files for name, files in written(outputs).items() if name not in before}
+            if new and sum(len(files) for files in new.values()) >= files_begun:
+                os.kill(child.pid, signal.SIGSTOP)
+                new = {name: files for name, files in written(outputs).items() if name not in before}
+                break
+            assert child.poll() is None, f"finetune ended (rc {child.returncode}) before the kill: {log.read_text()}"
+            assert time.monotonic() < deadline, "finetune never started writing its output"
+            time.sleep(0.001)
         os.kill(child.pid, signal.SIGKILL)
     finally:
         child.kill()
         child.wait(timeout=60)
     assert child.returncode == -signal.SIGKILL
-    assert not target.exists()
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name != script.name]
-    assert len(leftovers) == 1 and leftovers[0].startswith(".run.") and leftovers[0].endswith(".partial")
+    return new
+
+
+def test_sigkill_while_finetune_writes_its_output_leaves_no_output_folder(finetune_assets, tmp_path):
+    """SIGKILL `slimfit finetune` three times while it writes its output -- as soon as anything appears next to
+    --output, once the loss plot has begun (3 files), once the memory plot has begun (4) -- then run it again with
+    the same --output. After each kill the --output folder does not exist; the one thing left is a hidden
+    ``.run.<random>.partial`` folder holding the files begun so far (the last possibly torn), which nothing removes.
+    The rerun writes the complete folder under the real name."""
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    target, log = outputs / "run", tmp_path / "finetune.log"
+    leftovers = {}
+    for files_begun in (0, 3, 4):
+        new = kill_once_writing(start_finetune(finetune_assets, target, log), outputs, files_begun, log)
+        where = f"killed with >= {files_begun} files begun: {new}"
+        assert not target.exists(), where
+        [(name, files)] = new.items()
+        assert name.startswith(".run.") and name.endswith(".partial"), where
+        # Inside the write: the files begun so far, never all of them (they are only complete once renamed).
+        assert len(files) >= files_begun and set(files) < set(OUTPUT_FILES), where
+        leftovers[name] = files
+    assert written(outputs) == leftovers  # only the hidden folders, as the kills left them
+
+    rerun = start_finetune(finetune_assets, target, log)
+    assert rerun.wait(timeout=300) == 0, log.read_text()
+    assert sorted(p.name for p in target.iterdir()) == sorted(OUTPUT_FILES)
+    assert json.loads((target / "metrics.json").read_text())["steps"] == 3
+    assert written(outputs).keys() == {"run", *leftovers}
