@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from slimfit import ops
-from slimfit.distributed import broadcast_indices, is_distributed
+from slimfit.distributed import broadcast_indices, check_process_group, is_distributed, source_rank
 from slimfit.layers import Layer, reject_sharded_parameters, split_parameters, unwrap_model
 from slimfit.memory import measure_saved_bytes
 from slimfit.models import PatchHandle, patch
@@ -79,11 +79,13 @@ class SlimFit:
             (always) or stay frozen (always).
         seed: seed of the warm-up order; ``None`` uses ``torch.initial_seed()``, so runs are reproducible
             under ``torch.manual_seed``.
+        process_group: the ``torch.distributed`` group whose ranks train this model together (the group given
+            to DDP); ``None`` is the whole job. Its first rank's seed and scores decide for all its members.
 
-    Under ``torch.distributed`` (world size > 1) every rank must construct SlimFit and call :meth:`step`
-    together: rank 0's seed and scores decide, so all ranks train the same layers even when their RNGs
-    differ. Wrap the model in DDP before constructing SlimFit, with ``find_unused_parameters=True``
-    (see :mod:`slimfit.distributed`).
+    Under ``torch.distributed`` (world size > 1) every rank of ``process_group`` must construct SlimFit and call
+    :meth:`step` together: the group's first rank's seed and scores decide, so all ranks train the same layers
+    even when their RNGs differ. Wrap the model in DDP before constructing SlimFit, with
+    ``find_unused_parameters=True`` (see :mod:`slimfit.distributed`).
 
     Layers are parameters with more than one dimension plus normalisation weights (:mod:`slimfit.layers`).
     After construction and after every :meth:`step`, exactly ``K`` of them have ``requires_grad=True``.
@@ -106,6 +108,7 @@ class SlimFit:
         compression: CompressionPolicy | str | None = DEFAULT_POLICY,
         train_biases: bool = True,
         seed: int | None = None,
+        process_group: torch.distributed.ProcessGroup | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -121,6 +124,7 @@ class SlimFit:
             raise ValueError(f"train_biases must be a bool, got {train_biases!r}")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
+        check_process_group(process_group)
         if isinstance(compression, str) and compression == "default":
             compression = DEFAULT_POLICY
         if compression is not None and not isinstance(compression, CompressionPolicy):
@@ -161,8 +165,9 @@ class SlimFit:
         unscheduled = [p for p in candidates if base_rate.get(id(p)) == 0.0]
         self.num_trainable = max(1, round((1.0 - self.freeze_ratio) * len(self.layers)))
 
-        # Every rank of a distributed job must warm up in the same order: rank 0's seed rules.
-        (seed,) = broadcast_indices([torch.initial_seed() if seed is None else seed])
+        # Every rank of a distributed job must warm up in the same order: the group's first rank's seed rules.
+        self._process_group = process_group
+        (seed,) = broadcast_indices([torch.initial_seed() if seed is None else seed], process_group)
         generator = torch.Generator().manual_seed(seed)
         self.scheduler = InterLayerScheduler(len(self.layers), self.num_trainable, generator)
         self._state = OptimizerStateManager(optimizer, optimizer_state)
@@ -223,10 +228,11 @@ class SlimFit:
             scores = self._score(indices, before) if indices else scores
             divisors = [1.0 if rates[k] is None else rates[k] for k in moved]
             scores = scores / torch.tensor(divisors, dtype=scores.dtype, device=scores.device)
-            if is_distributed():
+            if is_distributed(self._process_group):
                 # Ranks hold identical weights, but a one-ulp difference in a score could still flip a tie
-                # and split the trainable sets; rank 0's scores decide for everyone.
-                torch.distributed.broadcast(scores, src=0)
+                # and split the trainable sets; the group's first rank's scores decide for everyone.
+                group = self._process_group
+                torch.distributed.broadcast(scores, src=source_rank(group), group=group)
             self.stats.scored_steps += 1
         rejected = self.scheduler.step(indices, scores)
         if rejected:

@@ -5,7 +5,8 @@ SlimFit under ``DistributedDataParallel`` needs two things:
 * DDP must be built while every parameter still requires grad (before ``SlimFit(...)`` freezes layers),
   with ``find_unused_parameters=True``: DDP fixes its buckets at construction and, without that flag,
   waits forever for gradients of layers that are frozen this step.
-* Every rank must freeze the same layers. :func:`broadcast_indices` makes rank 0's choice the rule.
+* Every rank must freeze the same layers. :func:`broadcast_indices` makes the first rank's choice the rule
+  (rank 0, or the first member of the process group SlimFit was given).
 
 :func:`register_trainable_only_hook` then all-reduces only the gradients of parameters that require grad,
 so a 90%-frozen model sends about a tenth of the bytes DDP would send.
@@ -17,16 +18,37 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def check_process_group(group: dist.ProcessGroup | None) -> None:
+    """Raise unless ``group`` is None (the whole job) or a process group that this rank belongs to."""
+    if group is None:
+        return
+    # dist.new_group hands ranks outside the group a placeholder int instead of a ProcessGroup.
+    placeholder = isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER
+    if not placeholder and not isinstance(group, dist.ProcessGroup):
+        raise ValueError(f"process_group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
+    if placeholder or dist.get_rank(group) < 0:
+        raise ValueError(
+            f"process_group does not contain this rank (global rank {dist.get_rank()}): only its members may "
+            "construct a SlimFit on it"
+        )
 
 
-def broadcast_indices(indices: list[int], src: int = 0) -> list[int]:
-    """Rank ``src``'s list of ints on every rank (unchanged when not running distributed)."""
-    if not is_distributed():
+def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
+    """True when ``group`` (None: the whole job) has more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def source_rank(group: dist.ProcessGroup | None = None) -> int:
+    """Global rank of ``group``'s first member, whose choices every member follows (0 for the whole job)."""
+    return 0 if group is None else dist.get_global_rank(group, 0)
+
+
+def broadcast_indices(indices: list[int], group: dist.ProcessGroup | None = None) -> list[int]:
+    """The list of ints of ``group``'s first rank on every member (unchanged when not running distributed)."""
+    if not is_distributed(group):
         return indices
     payload = [indices]
-    dist.broadcast_object_list(payload, src=src)
+    dist.broadcast_object_list(payload, src=source_rank(group), group=group)
     return list(payload[0])
 
 

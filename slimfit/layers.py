@@ -54,21 +54,32 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def reject_sharded_parameters(model: nn.Module) -> None:
-    """Raise for FSDP2 (``fully_shard``): its parameters are DTensor shards.
+    """Raise for FSDP: ``FullyShardedDataParallel`` (FlatParameters) and FSDP2 ``fully_shard`` (DTensor shards).
 
     Scoring a layer needs the norm of the whole tensor and freezing must be decided for whole tensors on
     every rank; neither is implemented for shards, and a silent per-shard schedule would train wrongly.
     """
     try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch built without distributed support: nothing can be sharded
         return
+    advice = (
+        "are not supported by SlimFit yet. Use DistributedDataParallel (or accelerate with DDP) instead, and apply "
+        "SlimFit to the unsharded model."
+    )
+    wrapped = [name or "<model>" for name, m in model.named_modules() if isinstance(m, FullyShardedDataParallel)]
+    if wrapped:
+        raise ValueError(
+            f"model has {len(wrapped)} FullyShardedDataParallel module(s) (first: {wrapped[0]!r}): FSDP "
+            f"(FullyShardedDataParallel, FlatParameter parameters), FSDP2 (fully_shard) and tensor-parallel models "
+            + advice
+        )
     sharded = [name for name, p in model.named_parameters() if isinstance(p, DTensor)]
     if sharded:
         raise ValueError(
             f"model has {len(sharded)} DTensor parameter(s) (first: {sharded[0]!r}): FSDP2 (fully_shard) and "
-            "tensor-parallel models are not supported by SlimFit yet. Use DistributedDataParallel (or accelerate "
-            "with DDP) instead, and apply SlimFit to the unsharded model."
+            "tensor-parallel models " + advice
         )
 
 

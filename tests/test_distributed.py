@@ -1,4 +1,4 @@
-"""Two-process DDP on gloo: frozen layers cost no gradient traffic and training matches one process."""
+"""DDP on gloo (2 processes, 4 for sub-groups): no gradient traffic for frozen layers, training as in one process."""
 
 import contextlib
 import datetime
@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -24,8 +25,8 @@ STEPS = 4
 
 
 @contextlib.contextmanager
-def ddp_worker_group(rank: int, port: int) -> Iterator[None]:
-    """A gloo group of WORLD ranks around a worker's body; the worker process ends with the block.
+def ddp_worker_group(rank: int, port: int, world: int = WORLD) -> Iterator[None]:
+    """A gloo group of ``world`` ranks around a worker's body; the worker process ends with the block.
 
     A body that returns (its results saved) exits without interpreter teardown: destroying DDP's reducer can
     deadlock gloo's teardown (its destructor joins gloo's worker thread while holding the GIL that thread is
@@ -33,7 +34,7 @@ def ddp_worker_group(rank: int, port: int) -> Iterator[None]:
     destroys the group, so the error reaches the parent.
     """
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=GROUP_TIMEOUT)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=GROUP_TIMEOUT)
     try:
         yield
     except BaseException:
@@ -138,17 +139,20 @@ def test_slimfit_under_accelerate_launch_agrees_across_ranks(tmp_path):
         torch.testing.assert_close(w, rank1["weights"][name], rtol=0, atol=0)
 
 
-def fsdp_worker(rank: int, port: int, out: str) -> None:
+def fsdp_worker(rank: int, port: int, out: str, version: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=1, timeout=GROUP_TIMEOUT)
     try:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 
         import slimfit
 
         model = make_model()
-        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        if version == 1:
+            model = FullyShardedDataParallel(model, device_id=torch.device("cpu"))
+        else:
+            fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
         try:
             slimfit.SlimFit(model, torch.optim.AdamW(model.parameters()), compression=None)
             message = "no error"
@@ -159,19 +163,24 @@ def fsdp_worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_fsdp2_is_refused_with_a_clear_error(tmp_path):
+@pytest.mark.parametrize(
+    ("version", "named"), [(1, "FullyShardedDataParallel module(s) (first: '<model>')"), (2, "DTensor parameter(s)")]
+)
+def test_fsdp_is_refused_with_a_clear_error(tmp_path, version, named):
     out = tmp_path / "message"
-    mp.start_processes(fsdp_worker, args=(free_port(), str(out)), nprocs=1, start_method="spawn")
+    mp.start_processes(fsdp_worker, args=(free_port(), str(out), version), nprocs=1, start_method="spawn")
     message = out.read_text()
-    assert "FSDP2" in message and "fully_shard" in message, message
+    assert named in message and "FSDP2 (fully_shard)" in message and "DistributedDataParallel" in message, message
 
 
-def train_slimfit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[list[str]]:
+def train_slimfit(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int | None = 5, **kwargs: Any
+) -> list[list[str]]:
     """SlimFit's README loop with plain SGD; returns the trainable set of every step."""
     import slimfit
 
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sf = slimfit.SlimFit(model, opt, freeze_ratio=0.4, compression=None, seed=5)
+    sf = slimfit.SlimFit(model, opt, freeze_ratio=0.4, compression=None, seed=seed, **kwargs)
     sets = []
     for step in range(STEPS):
         sets.append(sf.trainable_layers())
@@ -207,3 +216,51 @@ def test_slimfit_under_ddp_matches_one_process_with_the_global_batch(tmp_path):
     for name, p in single.named_parameters():
         torch.testing.assert_close(ranks[0]["weights"][name], ranks[1]["weights"][name], rtol=0, atol=0)
         torch.testing.assert_close(ranks[0]["weights"][name], p.detach(), rtol=1e-5, atol=1e-6)
+
+
+# Two data-parallel jobs in one 4-process world, each on its own sub-group: ranks 0 and 1 train one model, 2 and 3
+# another, each rank on one of its group's two samples.
+SUBGROUPS = ([0, 1], [2, 3])
+
+
+def subgroup_worker(rank: int, port: int, out: str) -> None:
+    with ddp_worker_group(rank, port, world=4):
+        groups = [dist.new_group(ranks) for ranks in SUBGROUPS]  # every rank creates every group, in order
+        members = next(ranks for ranks in SUBGROUPS if rank in ranks)
+        group = groups[SUBGROUPS.index(members)]
+        assert broadcast_indices([rank, 7], group) == [members[0], 7]
+        other = groups[1 - SUBGROUPS.index(members)]
+        with pytest.raises(ValueError, match=rf"process_group does not contain this rank \(global rank {rank}\)"):
+            train_slimfit(make_model(), *make_data(), process_group=other)
+        model = make_model()
+        ddp = DistributedDataParallel(model, find_unused_parameters=True, process_group=group)
+        register_trainable_only_hook(ddp, group)
+        torch.manual_seed(100 + rank)  # ranks' RNGs differ on purpose: the group's first rank's seed must rule
+        x, y = make_data()
+        sets = train_slimfit(ddp, x[:, rank : rank + 1], y[:, rank : rank + 1], seed=None, process_group=group)
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        torch.save({"sets": sets, "weights": weights}, f"{out}.{rank}")
+
+
+def test_slimfit_on_sub_groups_trains_each_like_one_process(tmp_path):
+    out = str(tmp_path / "subgroup")
+    mp.start_processes(subgroup_worker, args=(free_port(), out), nprocs=4, start_method="spawn")
+    ranks = [torch.load(f"{out}.{r}") for r in range(4)]
+    x, y = make_data()
+    for first, second in SUBGROUPS:
+        single = make_model()
+        torch.manual_seed(100 + first)
+        sets = train_slimfit(single, x[:, first : second + 1], y[:, first : second + 1], seed=None)
+        assert ranks[first]["sets"] == ranks[second]["sets"] == sets
+        for name, p in single.named_parameters():
+            torch.testing.assert_close(ranks[first]["weights"][name], ranks[second]["weights"][name], rtol=0, atol=0)
+            torch.testing.assert_close(ranks[first]["weights"][name], p.detach(), rtol=1e-5, atol=1e-6)
+    assert ranks[0]["sets"] != ranks[2]["sets"]  # different seeds: the groups really scheduled independently
+
+
+def test_process_group_must_be_a_process_group():
+    import slimfit
+
+    model = make_model()
+    with pytest.raises(ValueError, match="process_group must be a torch.distributed.ProcessGroup or None, got str"):
+        slimfit.SlimFit(model, torch.optim.SGD(model.parameters(), lr=0.1), process_group="world")
