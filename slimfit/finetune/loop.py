@@ -1,0 +1,255 @@
+"""One fine-tuning run on the Hugging Face ``Trainer``: :func:`run`.
+
+The Trainer brings gradient accumulation, checkpoints and exact resume, mixed precision and multi-process launch
+(``torchrun`` / ``accelerate launch``); SlimFit runs through :class:`slimfit.integrations.hf.SlimFitCallback`.
+What the command line reports on top is recorded by :class:`RunRecorder` (a callback: per-step loss, learning
+rate, time, trainable layers; evaluation after every epoch) and :class:`MeteredTrainer` (the bytes each training
+forward keeps for backward).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+from slimfit.finetune.meter import PeakMemory
+from slimfit.finetune.options import SCHEDULED_METHODS, FinetuneConfig, resolve_device
+from slimfit.finetune.report import RunResult
+from slimfit.layers import split_parameters
+from slimfit.tasks.base import Task, quiet_transformers
+
+
+class MeteredTrainer(Trainer):
+    """A Trainer whose training forwards are measured by a :class:`PeakMemory` (set by :class:`RunRecorder`)."""
+
+    meter: PeakMemory | None = None
+    step_losses: list[float]
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        if self.meter is None or not (model.training and torch.is_grad_enabled()):
+            return super().compute_loss(model, inputs, *args, **kwargs)
+        with self.meter.forward():
+            result = super().compute_loss(model, inputs, *args, **kwargs)
+        loss = result[0] if isinstance(result, tuple) else result
+        self.step_losses.append(float(loss.detach()))
+        return result
+
+
+class RunRecorder(TrainerCallback):
+    """Per-step log, layer schedule and memory peaks of a run, and the task's metrics after every epoch."""
+
+    def __init__(self, task: Task, layers: list[str], device: torch.device, progress: bool) -> None:
+        self.task = task
+        self.layers = layers
+        self.index = {name: i for i, name in enumerate(layers)}
+        self.device = device
+        self.progress = progress
+        self.trainer: MeteredTrainer | None = None
+        self.slimfit_callback: TrainerCallback | None = None
+        self.step_log: list[dict[str, Any]] = []
+        self.eval_log: list[dict[str, Any]] = []
+        self.schedule: list[list[bool]] = []
+        self.uncompressed: list[str] | None = None
+        self._tick = 0.0
+        self._trained: list[str] = []
+        self._lr = 0.0
+        self._bar = None  # our own progress bar: loss, seconds per step and layers trained, as before the Trainer
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.trainer.meter = PeakMemory(model, optimizer, self.device)
+        self.trainer.step_losses = []
+        if self.progress and state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=state.max_steps, initial=state.global_step, unit="step", dynamic_ncols=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._bar is not None:
+            self._bar.close()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        sf = getattr(self.slimfit_callback, "slimfit", None)
+        self._trained = sf.trainable_layers() if sf is not None else self.layers
+        self._tick = time.perf_counter()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.meter.after_backward()
+
+    def on_optimizer_step(self, args, state, control, lr_scheduler=None, **kwargs):
+        # Read before the Trainer steps the scheduler: the rate this step trained with.
+        self._lr = float(lr_scheduler.get_last_lr()[0])
+
+    def on_step_end(self, args, state, control, **kwargs):
+        meter = self.trainer.meter
+        meter.after_step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # kernels run asynchronously: time the work, not the launches
+        seconds = time.perf_counter() - self._tick
+        losses, self.trainer.step_losses = self.trainer.step_losses, []
+        row = [False] * len(self.layers)
+        for name in self._trained:
+            row[self.index[name]] = True
+        self.schedule.append(row)
+        self.step_log.append(
+            {
+                "step": state.global_step,
+                "epoch": math.ceil(state.epoch - 1e-9),
+                "loss": float(np.mean(losses)) if losses else float("nan"),
+                "lr": self._lr,
+                "seconds": seconds,
+                "trainable_layers": len(self._trained),
+                "activation_bytes": meter.last_activation_bytes,
+            }
+        )
+        sf = getattr(self.slimfit_callback, "slimfit", None)
+        if sf is not None:
+            self.uncompressed = list(sf.uncompressed_modules)
+        if self._bar is not None:
+            last = self.step_log[-1]
+            shown = f"{len(self._trained)}/{len(self.layers)}"
+            self._bar.set_postfix(loss=f"{last['loss']:.4f}", s_step=f"{seconds:.2f}", layers=shown)
+            self._bar.update()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        output = self.trainer.predict(self.task.eval_dataset)
+        scores = self.task.compute_metrics(output.predictions, output.label_ids)
+        epoch = math.ceil(state.epoch - 1e-9)  # the last epoch may end early (--max-steps)
+        self.eval_log.append({"epoch": epoch, "step": state.global_step, **scores})
+        if self._bar is not None:
+            self._bar.write(f"epoch {epoch}: " + ", ".join(f"{name} {value:.4f}" for name, value in scores.items()))
+
+
+def build_model(task: Task, config: FinetuneConfig) -> nn.Module:
+    """The task's fresh model with the method's changes (LoRA adapters; checkpointing is the Trainer's)."""
+    quiet_transformers()
+    model = task.build_model()
+    if config.method == "lora":
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        # Every Linear of the encoder; the new head trains in full (peft's default for its task types).
+        lora = LoraConfig(
+            task_type=TaskType[task.lora_task_type] if task.lora_task_type else None,
+            modules_to_save=None if task.lora_task_type else list(task.head_modules),
+            r=config.lora_rank,
+            lora_alpha=2 * config.lora_rank,
+            lora_dropout=0.1,
+            target_modules="all-linear",
+        )
+        model = get_peft_model(model, lora)
+    return model
+
+
+def _optimizer_steps(config: FinetuneConfig, task: Task) -> int:
+    per_epoch = math.ceil(math.ceil(len(task.train_dataset) / config.batch_size) / config.gradient_accumulation_steps)
+    total = config.epochs * per_epoch
+    return min(total, config.max_steps) if config.max_steps is not None else total
+
+
+def training_arguments(config: FinetuneConfig, task: Task, output_dir: Path, device: torch.device, progress: bool):
+    """The Trainer's arguments for ``config`` (AdamW, linear warm-up and decay, evaluation by :class:`RunRecorder`)."""
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        learning_rate=config.method_lr,
+        weight_decay=0.01,  # torch.optim.AdamW's default, which slimfit's runs used before the Trainer
+        lr_scheduler_type="linear",
+        warmup_steps=round(config.warmup_fraction * _optimizer_steps(config, task)),
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=config.bf16,
+        use_cpu=device.type == "cpu",
+        **{_CHECKPOINTING: config.method == "grad-ckpt"},
+        # Frozen layers give no gradient: DDP must not wait for them (see slimfit.distributed).
+        ddp_find_unused_parameters=config.method in SCHEDULED_METHODS or None,
+        eval_strategy="no",
+        logging_strategy="no",
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
+        report_to="none",
+        disable_tqdm=True,  # RunRecorder shows its own bar; the Trainer's would also print its final log dict
+    )
+
+
+# transformers 5.x renamed the argument; the old name warns that it goes away in 6.
+_CHECKPOINTING = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    else "gradient_checkpointing"
+)
+
+
+def run(config: FinetuneConfig, task: Task, output: Path | None = None, progress: bool = True) -> RunResult:
+    """Fine-tune a fresh copy of the task's model with ``config.method``; evaluate after every epoch.
+
+    Checkpoints (``config.save_steps``) are written into ``output``; ``config.resume_from_checkpoint`` continues
+    from one. Without checkpoints the Trainer works in a temporary folder that is removed afterwards.
+    """
+    from transformers import set_seed
+
+    from slimfit.integrations.hf import SlimFitCallback
+
+    device = resolve_device(config.device)
+    set_seed(config.seed)
+    model = build_model(task, config)
+    layers = [layer.name for layer in split_parameters(model).layers]
+    recorder = RunRecorder(task, layers, device, progress)
+    callbacks: list[TrainerCallback] = []
+    if config.method in SCHEDULED_METHODS:
+        compression = None if config.method == "freeze-only" else "default"
+        recorder.slimfit_callback = SlimFitCallback(freeze_ratio=config.freeze_ratio, compression=compression)
+        callbacks.append(recorder.slimfit_callback)
+    callbacks.append(recorder)  # after SlimFit's: it measures the optimizer state after SlimFit moved it
+
+    scratch = None if config.save_steps else Path(tempfile.mkdtemp(prefix="slimfit-trainer-"))
+    args = training_arguments(config, task, output if scratch is None else scratch, device, progress)
+    trainer = MeteredTrainer(
+        model=model,
+        args=args,
+        train_dataset=task.train_dataset,
+        data_collator=task.collator,
+        processing_class=task.processor,
+        callbacks=callbacks,
+    )
+    recorder.trainer = trainer
+    trainer.remove_callback(PrinterCallback)  # it prints the final log dict; RunRecorder reports instead
+    start = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    seconds = time.perf_counter() - start
+    # The first step pays one-off costs (allocator warm-up, lazy init); leave it out of the per-step time.
+    timed = [row["seconds"] for row in recorder.step_log[1:]] or [row["seconds"] for row in recorder.step_log]
+    scheduled = config.method in SCHEDULED_METHODS
+    return RunResult(
+        task=task.name,
+        method=config.method,
+        freeze_ratio=config.freeze_ratio if scheduled else None,
+        seed=config.seed,
+        lr=config.method_lr,
+        metrics={k: v for k, v in recorder.eval_log[-1].items() if k not in ("epoch", "step")},
+        memory=trainer.meter.report(),
+        steps=trainer.state.global_step,
+        seconds=seconds,
+        seconds_per_step=float(np.mean(timed)) if timed else float("nan"),
+        device=str(device),
+        step_log=recorder.step_log,
+        eval_log=recorder.eval_log,
+        layers=layers,
+        schedule=recorder.schedule,
+        uncompressed_modules=(recorder.uncompressed or []) if config.method == "slimfit" else None,
+    )

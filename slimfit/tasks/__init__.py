@@ -1,0 +1,64 @@
+"""The tasks of `slimfit finetune` / `slimfit bench`: :func:`infer_task` and :func:`prepare`.
+
+One module per task family, each with ``prepare(config) -> Task`` (:mod:`slimfit.tasks.base`): text
+classification and regression (:mod:`.text`, single texts or sentence pairs), extractive question answering
+(:mod:`.question_answering`) and image classification (:mod:`.image_classification`). Task modules import
+transformers, so this package is imported only by the subcommands that train.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+from pathlib import Path
+
+from slimfit.data import is_regression, read_labels
+from slimfit.finetune.options import FinetuneConfig
+from slimfit.tasks.base import Task
+
+__all__ = ["Task", "infer_task", "prepare"]
+
+_MODULES = {
+    "classification": "slimfit.tasks.text",
+    "regression": "slimfit.tasks.text",
+    "question-answering": "slimfit.tasks.question_answering",
+    "image-classification": "slimfit.tasks.image_classification",
+}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def infer_task(config: FinetuneConfig) -> str:
+    """``--task``, or what ``--data`` looks like: a folder of class folders holding images is image
+    classification, SQuAD-format JSON (or JSONL with question and context) question answering, labels that are
+    numbers but not all integers regression, anything else classification."""
+    if config.task is not None:
+        return config.task
+    if config.data is None:
+        return "classification"
+    path = Path(config.data)
+    if path.is_dir():
+        files = (f for folder in path.iterdir() if folder.is_dir() for f in folder.iterdir())
+        return "image-classification" if any(f.suffix.lower() in IMAGE_SUFFIXES for f in files) else "classification"
+    if path.suffix.lower() == ".json":
+        return "question-answering"
+    if path.suffix.lower() in (".jsonl", ".ndjson") and _first_record_keys(path) >= {"question", "context"}:
+        return "question-answering"
+    return "regression" if is_regression(read_labels(path, config.label_column)) else "classification"
+
+
+def prepare(config: FinetuneConfig) -> tuple[FinetuneConfig, Task]:
+    """The config with its task filled in (inferred when not given), and the prepared task."""
+    config = dataclasses.replace(config, task=infer_task(config))
+    module = importlib.import_module(_MODULES[config.task])
+    return config, module.prepare(config)
+
+
+def _first_record_keys(path: Path) -> set[str]:
+    try:
+        with path.open(encoding="utf-8") as handle:
+            line = next((line for line in handle if line.strip()), "")
+        record = json.loads(line) if line else {}
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return set()
+    return set(record) if isinstance(record, dict) else set()
