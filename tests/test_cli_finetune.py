@@ -125,7 +125,9 @@ def test_empty_texts(assets, tmp_path, capsys):
     rows = texts(10)
     rows[3] = ("   ", "tech")
     data = write_csv(tmp_path / "empty.csv", rows)
-    expect_error(capsys, finetune(assets, "--output", str(tmp_path / "o"), data=data), "1 of 10 texts in 'body' are empty")
+    expect_error(
+        capsys, finetune(assets, "--output", str(tmp_path / "o"), data=data), "1 of 10 texts in 'body' are empty"
+    )
 
 
 def test_unknown_model_path(assets, tmp_path, capsys):
