@@ -398,10 +398,12 @@ class SlimFit:
                 return self.model(**inputs)
             return self.model(*inputs) if isinstance(inputs, tuple) else self.model(inputs)
 
-        cuda = sorted({p.device.index or 0 for p in self.model.parameters() if p.device.type == "cuda"})
+        # Fork the generators of whatever accelerator holds the model (CUDA, XPU, MPS, ...), not only CUDA's.
+        accelerated = {p.device for p in self.model.parameters() if p.device.type not in ("cpu", "meta")}
+        device_type = next(iter(accelerated)).type if accelerated else "cuda"
         was_training = self.model.training
         try:
-            with torch.random.fork_rng(devices=cuda):
+            with torch.random.fork_rng(devices=sorted({d.index or 0 for d in accelerated}), device_type=device_type):
                 self.model.train()
                 return measure_saved_bytes(forward, exclude=self.model)
         finally:
