@@ -349,3 +349,35 @@ def test_attention_left_uncompressed_is_reported(assets, tmp_path, capsys, monke
     assert all(name in printed.split("uncompressed modules")[1] for name in names)
     reported = json.loads((output / "metrics.json").read_text())["uncompressed_modules"]
     assert [entry.split(" ")[0] for entry in reported] == names
+
+
+def test_resumed_run_reproduces_the_uninterrupted_one(assets, tmp_path):
+    """Checkpoints every 3 steps into --output; a run resumed from step 3 logs the same losses and ends with the
+    same metrics as the run that went through."""
+    whole = tmp_path / "whole"
+    argv = finetune(assets, "--freeze-ratio", "0.5", "--gradient-accumulation-steps", "2", "--batch-size", "4")
+    argv[argv.index("--max-steps") + 1] = "6"
+    assert cli.main([*argv, "--save-steps", "3", "--output", str(whole)]) == 0
+    assert sorted(p.name for p in whole.iterdir() if p.is_dir()) == ["checkpoint-3", "checkpoint-6"]
+    moved = tmp_path / "elsewhere" / "checkpoint-3"
+    shutil.copytree(whole / "checkpoint-3", moved)  # resuming must not depend on where the checkpoint lies
+    resumed = tmp_path / "resumed"
+    assert cli.main([*argv, "--resume-from-checkpoint", str(moved), "--output", str(resumed)]) == 0
+
+    def rows(folder):
+        with (folder / "steps.csv").open() as handle:
+            return list(csv.DictReader(handle))
+
+    uninterrupted, continued = rows(whole), rows(resumed)
+    assert [int(r["step"]) for r in continued] == [4, 5, 6]
+    for before, after in zip(uninterrupted[3:], continued, strict=True):
+        assert float(after["loss"]) == pytest.approx(float(before["loss"]), rel=1e-6), after["step"]
+        assert float(after["lr"]) == float(before["lr"])
+        assert after["trainable_layers"] == before["trainable_layers"]
+    first, second = (json.loads((f / "metrics.json").read_text()) for f in (whole, resumed))
+    assert second["accuracy"] == first["accuracy"] and second["f1"] == pytest.approx(first["f1"], rel=1e-9)
+
+
+def test_resume_from_something_that_is_not_a_checkpoint(assets, tmp_path, capsys):
+    argv = finetune(assets, "--resume-from-checkpoint", str(tmp_path), "--output", str(tmp_path / "o"))
+    expect_error(capsys, argv, f"--resume-from-checkpoint: {tmp_path} is not a Trainer checkpoint folder")
