@@ -135,7 +135,8 @@ def build_model(task: Task, config: FinetuneConfig) -> nn.Module:
     if config.method == "lora":
         from peft import LoraConfig, TaskType, get_peft_model
 
-        # Every Linear of the encoder; the new head trains in full (peft's default for its task types).
+        # Adapters on every Linear but the new head, which trains in full (peft's task types save it themselves;
+        # without one it is named in modules_to_save).
         lora = LoraConfig(
             task_type=TaskType[task.lora_task_type] if task.lora_task_type else None,
             modules_to_save=None if task.lora_task_type else list(task.head_modules),
@@ -143,6 +144,7 @@ def build_model(task: Task, config: FinetuneConfig) -> nn.Module:
             lora_alpha=2 * config.lora_rank,
             lora_dropout=0.1,
             target_modules="all-linear",
+            exclude_modules=list(task.head_modules),
         )
         model = get_peft_model(model, lora)
     return model

@@ -66,7 +66,8 @@ def render_table(result: RunResult) -> str:
     """The end-of-run summary printed in the terminal."""
     method = result.method + (f" (freeze ratio {result.freeze_ratio})" if result.freeze_ratio is not None else "")
     rows = [("task", result.task), ("method", method)]
-    rows += [(_METRIC_LABELS.get(name, name), f"{value:.4f}") for name, value in result.metrics.items()]
+    labels = _METRIC_LABELS if result.task in ("classification", "image-classification") else {}
+    rows += [(labels.get(name, name.replace("_", " ")), f"{value:.4f}") for name, value in result.metrics.items()]
     rows += [
         ("steps", str(result.steps)),
         ("time per step", f"{result.seconds_per_step:.3f} s ({result.device})"),
@@ -79,7 +80,7 @@ def render_table(result: RunResult) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-_METRIC_LABELS = {"f1": "macro-F1", "exact_match": "exact match"}
+_METRIC_LABELS = {"f1": "macro-F1"}  # classification's F1 is the macro average over classes
 
 
 def describe_data(config: FinetuneConfig) -> str:
