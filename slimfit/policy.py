@@ -66,15 +66,17 @@ class CompressionPolicy:
 
     activation: pointwise activations (GELU family, ReLU, SiLU, Tanh, Sigmoid). ``DerivativeCode(bits)`` or
         ``Quantize`` of the input.
-    layernorm_frozen: LayerNorm whose weight does not train; only dx is needed, from the normalised output
-        (``TopK`` sparsified or ``Quantize``d) plus the per-row 1/std (exact, 4 bytes per row in fp32).
-    layernorm_trainable: LayerNorm whose weight trains; the normalised output, ``Quantize``d.
+    layernorm_frozen: LayerNorm or RMSNorm whose weight does not train; only dx is needed, from the normalised
+        output (``TopK`` sparsified or ``Quantize``d) plus the per-row 1/std or 1/rms (exact, 4 bytes per row).
+    layernorm_trainable: LayerNorm or RMSNorm whose weight trains; the normalised output, ``Quantize``d.
     linear_input: input of a Linear whose weight trains (a frozen weight saves nothing about its input).
         One code is stored when several Linears read the same tensor (Q/K/V).
     attention: q, k and v of scaled-dot-product attention; the output is recomputed in backward, the
         L x L matrix is never stored.
     dropout: ``"packed"`` keeps the mask at 1 bit per element; ``"replay"`` keeps only the RNG state and
         regenerates the mask in backward. Attention-probability dropout always uses RNG replay.
+    gated_mlp: ``act(gate) * up`` of Llama-style gated MLPs; gate and up are kept ``Quantize``d and act, act'
+        recomputed from them.
     """
 
     activation: DerivativeCode | Quantize | None = DerivativeCode(4)
@@ -83,6 +85,7 @@ class CompressionPolicy:
     linear_input: Quantize | None = Quantize(8)
     attention: Quantize | None = Quantize(8)
     dropout: DropoutMode | None = "packed"
+    gated_mlp: Quantize | None = Quantize(8)
 
     def __post_init__(self) -> None:
         _check("activation", self.activation, (DerivativeCode, Quantize))
@@ -90,13 +93,14 @@ class CompressionPolicy:
         _check("layernorm_trainable", self.layernorm_trainable, (Quantize,))
         _check("linear_input", self.linear_input, (Quantize,))
         _check("attention", self.attention, (Quantize,))
+        _check("gated_mlp", self.gated_mlp, (Quantize,))
         if self.dropout not in (None, "packed", "replay"):
             raise ValueError(f"dropout must be one of [None, 'packed', 'replay'], got {self.dropout!r}")
 
     @classmethod
     def exact(cls) -> CompressionPolicy:
         """Every site patched but saving exact tensors: same numbers as PyTorch (used to test the Functions)."""
-        return cls(None, None, None, None, None, None)
+        return cls(None, None, None, None, None, None, None)
 
 
 def _check(name: str, value: object, accepted: tuple[type, ...]) -> None:

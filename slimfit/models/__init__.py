@@ -8,7 +8,11 @@ Modules are patched by type, in place: an instance's ``__class__`` becomes a sub
   ``nn.SiLU``, ``nn.Tanh``, ``nn.Sigmoid`` (the generic path: any model built from them);
 - transformers activation classes (GELU variants, SiLU), and attention of models whose config selects
   ``attn_implementation="sdpa"``: the config is switched to slimfit's own registered implementation
-  (:mod:`slimfit.models.hf`; BERT, RoBERTa, ELECTRA, DistilBERT, ViT, DeiT and other 5.x models).
+  (:mod:`slimfit.models.hf`; BERT, RoBERTa, ELECTRA, DistilBERT, ViT, DeiT and other 5.x models);
+- decoder parts: ``nn.RMSNorm`` and any class named ``*RMSNorm`` whose forward computes one of the forms of
+  :mod:`slimfit.nn.rmsnorm` (Llama's, Gemma's ``1 + weight``, ...), transformers' ``Conv1D`` (GPT-2), and gated
+  MLPs ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` whose ``act_fn`` is patched here
+  (:func:`slimfit.nn.gated_mlp.is_gated_mlp`). Norms and MLPs are recognised by probing their forward once.
 
 Leaf modules that hold parameters or compute an activation or attention we do not handle (e.g. ``nn.Conv2d``,
 ``nn.MultiheadAttention``, eager attention) stay uncompressed; one warning names them. Attention modules are also
@@ -24,8 +28,15 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from slimfit.models import hf
+from slimfit.nn.gated_mlp import is_gated_mlp
 from slimfit.nn.modules import TORCH_MODULES, patched_class
+from slimfit.nn.rmsnorm import rms_norm_form
 from slimfit.policy import CompressionPolicy
+
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # transformers is optional
+    Conv1D = None
 
 __all__ = ["PatchHandle", "patch"]
 
@@ -101,6 +112,8 @@ def patch(model: nn.Module, policy: CompressionPolicy | None) -> PatchHandle:
         target = TORCH_MODULES.get(cls)
         if target is None and cls in hf_acts:
             target = patched_class(cls, "activation", hf_acts[cls])
+        if target is None:
+            target = _decoder_target(m, hf_acts)
         if target is not None:
             handle.patched[name] = cls
             handle._switched.append((m, cls))
@@ -114,6 +127,21 @@ def patch(model: nn.Module, policy: CompressionPolicy | None) -> PatchHandle:
             stacklevel=2,
         )
     return handle
+
+
+def _decoder_target(m: nn.Module, hf_acts: dict) -> type | None:
+    """The patched class for a GPT-2 ``Conv1D``, an RMSNorm of a known form or a gated MLP; None otherwise."""
+    cls = type(m)
+    if Conv1D is not None and cls is Conv1D:
+        return patched_class(cls, "conv1d")
+    form = rms_norm_form(m)
+    if form is not None:
+        target = patched_class(cls, "rms_norm", rms_form=form)
+        # Patched classes are per class; an instance computing another form than its class's first stays as is.
+        return target if target.slimfit_rms_form == form else None
+    act = type(getattr(m, "act_fn", None))
+    act_patched = act in hf_acts or hasattr(TORCH_MODULES.get(act), "slimfit_activation_of")
+    return patched_class(cls, "gated_mlp") if act_patched and is_gated_mlp(m) else None
 
 
 def _is_unsupported_leaf(m: nn.Module) -> bool:
