@@ -366,7 +366,7 @@ def test_autocast_bfloat16():
     assert torch.nn.functional.cosine_similarity(got, ref, dim=0) >= 0.99
 
 
-def test_grouped_query_attention_falls_back_and_is_named():
+def test_grouped_query_attention_is_compressed():
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=100,
@@ -379,14 +379,34 @@ def test_grouped_query_attention_falls_back_and_is_named():
     model = transformers.LlamaForCausalLM(config)
     ids = torch.randint(0, 100, (2, 8))
     reference = model(input_ids=ids).logits
+    handle = patch(model, CompressionPolicy())
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # RMSNorm is not compressed yet
-        handle = patch(model, CompressionPolicy())
-    with pytest.warns(RuntimeWarning, match="grouped-query attention is not supported"):
+        warnings.simplefilter("error")  # no attention module is reported uncompressed
         logits = model(input_ids=ids).logits
-    attention = "model.layers.0.self_attn (LlamaAttention: grouped-query attention is not supported)"
+    assert handle.attention == ["model.layers.0.self_attn"]
+    assert handle.unsupported == []
+    torch.testing.assert_close(logits, reference)  # compression changes only what backward keeps
+    handle.remove()
+
+
+def test_position_bias_falls_back_and_is_named():
+    """T5's learned position bias is not supported: transformers' own SDPA runs and the module is named."""
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
+    model = transformers.T5EncoderModel(config)
+    model.eval()  # no dropout, so both runs compute the same
+    ids = torch.randint(0, 100, (2, 8))
+    reference = model(input_ids=ids).last_hidden_state
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # T5LayerNorm is not compressed
+        handle = patch(model, CompressionPolicy())
+    with pytest.warns(RuntimeWarning, match="position bias, paged cache or softcap is not supported"):
+        hidden = model(input_ids=ids).last_hidden_state
+    attention = (
+        "encoder.block.0.layer.0.SelfAttention (T5Attention: position bias, paged cache or softcap is not supported)"
+    )
     assert [name for name in handle.unsupported if "Attention" in name] == [attention]
-    torch.testing.assert_close(logits, reference)  # transformers' own SDPA ran instead
+    torch.testing.assert_close(hidden, reference)
     handle.remove()
 
 
