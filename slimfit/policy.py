@@ -77,6 +77,10 @@ class CompressionPolicy:
         regenerates the mask in backward. Attention-probability dropout always uses RNG replay.
     gated_mlp: ``act(gate) * up`` of Llama-style gated MLPs; gate and up are kept ``Quantize``d and act, act'
         recomputed from them.
+    lm_head_chunk: a causal LM given labels in training computes its head and loss this many tokens at a time
+        (:func:`slimfit.nn.lm_head.linear_cross_entropy`), never keeping the N x V logits, and returns
+        ``logits=None``; the hidden states are kept exact, or coded by ``linear_input`` when only the head's weight
+        needs a gradient. None computes the full logits as the model does.
     """
 
     activation: DerivativeCode | Quantize | None = DerivativeCode(4)
@@ -86,6 +90,7 @@ class CompressionPolicy:
     attention: Quantize | None = Quantize(8)
     dropout: DropoutMode | None = "packed"
     gated_mlp: Quantize | None = Quantize(8)
+    lm_head_chunk: int | None = 1024
 
     def __post_init__(self) -> None:
         _check("activation", self.activation, (DerivativeCode, Quantize))
@@ -96,6 +101,9 @@ class CompressionPolicy:
         _check("gated_mlp", self.gated_mlp, (Quantize,))
         if self.dropout not in (None, "packed", "replay"):
             raise ValueError(f"dropout must be one of [None, 'packed', 'replay'], got {self.dropout!r}")
+        chunk = self.lm_head_chunk
+        if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk <= 0):
+            raise ValueError(f"lm_head_chunk must be None or a positive int, got {chunk!r}")
 
     @classmethod
     def exact(cls) -> CompressionPolicy:

@@ -13,6 +13,8 @@ Modules are patched by type, in place: an instance's ``__class__`` becomes a sub
   :mod:`slimfit.nn.rmsnorm` (Llama's, Gemma's ``1 + weight``, ...), transformers' ``Conv1D`` (GPT-2), and gated
   MLPs ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` whose ``act_fn`` is patched here
   (:func:`slimfit.nn.gated_mlp.is_gated_mlp`). Norms and MLPs are recognised by probing their forward once.
+- the head of causal LMs (:data:`slimfit.models.hf.CHUNKED_LM_HEAD_TYPES`): in training with labels, head and loss
+  run a chunk of tokens at a time without keeping the logits (``CompressionPolicy.lm_head_chunk``).
 
 Leaf modules that hold parameters or compute an activation or attention we do not handle (e.g. ``nn.Conv2d``,
 ``nn.MultiheadAttention``, eager attention) stay uncompressed; one warning names them. Attention modules are also
@@ -64,6 +66,12 @@ class PatchHandle:
     _switched: list[tuple[nn.Module, type]] = field(default_factory=list, repr=False)
     _static_unsupported: list[str] = field(default_factory=list, repr=False)
     _route: hf.AttentionRoute | None = field(default=None, repr=False)
+    _lm_head: hf.LMHeadRoute | None = field(default=None, repr=False)
+
+    @property
+    def chunked_lm_head(self) -> bool:
+        """Whether the model's head and loss run chunked in training (:class:`slimfit.models.hf.LMHeadRoute`)."""
+        return self._lm_head is not None
 
     @property
     def attention(self) -> list[str]:
@@ -83,6 +91,9 @@ class PatchHandle:
             m.__dict__.pop(_POLICY_ATTR, None)
         if self._route is not None:
             self._route.restore()
+        if self._lm_head is not None:
+            self._lm_head.restore()
+            self._lm_head = None
         self.model = None
         self.patched, self._switched, self._route = {}, [], None
 
@@ -105,6 +116,7 @@ def patch(model: nn.Module, policy: CompressionPolicy | None) -> PatchHandle:
     if already:
         raise ValueError(f"model is already patched (e.g. module {already[0]!r}); call remove() on its handle first")
     handle._route = hf.route_attention(model, policy.attention)
+    handle._lm_head = hf.route_lm_head(model, policy)
 
     hf_acts = hf.activation_classes()
     for name, m in model.named_modules():

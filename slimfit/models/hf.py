@@ -6,28 +6,35 @@ one more implementation there, ``"slimfit"`` (with the same attention-mask forma
 wrapped, and other models keep their own implementation. :meth:`AttentionRoute.restore` switches them back.
 
 Which modules really ran through it is checked at their first forward: an attention module that does not dispatch
-through the registry (a refactored transformers, a custom model, grouped-query attention) is named in one warning
+through the registry (a refactored transformers, a custom model) or that needs what slimfit's attention does not do
+(position bias, a paged cache, softcapping: transformers' SDPA runs instead) is named in one warning
 and listed in :attr:`AttentionRoute.uncompressed`, never left uncompressed silently.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import warnings
 from collections.abc import Callable
 from importlib import metadata
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from slimfit.nn.attention import scaled_dot_product_attention
-from slimfit.policy import Quantize
+from slimfit.nn.lm_head import linear_cross_entropy
+from slimfit.policy import CompressionPolicy, Quantize
 
 try:
     from transformers import activations as hf_activations
     from transformers.configuration_utils import PretrainedConfig
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.loss.loss_utils import LOSS_MAPPING
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    from transformers.modeling_utils import AttentionInterface
+    from transformers.modeling_utils import AttentionInterface, PreTrainedModel
+    from transformers.utils import ModelOutput
 except ImportError:  # transformers is optional
     hf_activations = None
 
@@ -150,23 +157,25 @@ class AttentionRoute:
         )
 
     def __call__(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kw):
-        reason = None
         if kw.get("position_bias") is not None or kw.get("cache") is not None or kw.get("softcap") is not None:
-            reason = "position bias, paged cache or softcap is not supported"
-        elif getattr(module, "num_key_value_groups", 1) > 1 or query.shape[1] != key.shape[1]:
-            reason = "grouped-query attention is not supported"
-        if reason is not None:
-            self._fallback[id(module)] = reason
+            self._fallback[id(module)] = "position bias, paged cache or softcap is not supported"
             return sdpa_attention_forward(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kw
             )
         self._compressed.add(id(module))
+        # Sliding windows need nothing here: the "slimfit" mask function (transformers' sdpa_mask) builds the window
+        # into the 4-D mask whenever the sequence is longer than the window.
         # Same causal rule as transformers' sdpa_attention_forward: the flag only when no mask is given.
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         causal = bool(query.shape[2] > 1 and attention_mask is None and causal)
         if causal and key.shape[2] > query.shape[2]:
             key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
-        out = scaled_dot_product_attention(query, key, value, attention_mask, dropout, causal, scaling, self.setting)
+        # Grouped-query / multi-query attention: k and v arrive (after rotary embeddings) with one head per key/value
+        # head; they are saved at that width and shared across query heads inside SDPA.
+        gqa = query.shape[1] != key.shape[1]
+        out = scaled_dot_product_attention(
+            query, key, value, attention_mask, dropout, causal, scaling, self.setting, enable_gqa=gqa
+        )
         return out.transpose(1, 2).contiguous(), None
 
 
@@ -188,6 +197,110 @@ def _register() -> None:
 
 
 _version_warned = False
+
+CHUNKED_LM_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo2", "gpt2"})
+"""``config.model_type`` of the causal LMs whose head runs chunked: their forward is base model -> ``lm_head`` ->
+transformers' causal-LM loss with nothing in between (checked against the unpatched model in tests/test_lm_head.py).
+Others (Gemma 2's logit softcapping, Cohere's and Granite's logit scales, ...) keep their full logits."""
+
+
+class LMHeadRoute:
+    """The forward of one causal LM, computing head and loss chunked in training (installed as ``model.forward``).
+
+    A call with ``labels=`` (a keyword, as the Trainer passes it) in training mode with grad enabled runs the model's
+    own forward (so its argument handling, ``logits_to_keep``, loss kwargs and any wrapper such as accelerate's
+    autocast stay as they are) with the head passing the hidden states through and the loss function replaced by
+    :func:`slimfit.nn.lm_head.linear_cross_entropy` with transformers' label shift, ``ignore_index`` and
+    ``num_items_in_batch`` (sum / num_items_in_batch, for gradient accumulation); the output's ``logits`` is None.
+    Any other call (evaluation, no labels, no grad) is the unchanged forward.
+    """
+
+    def __init__(self, model: nn.Module, head: nn.Linear, chunk_size: int, setting: Quantize | None) -> None:
+        self.model, self.head, self.chunk_size, self.setting = model, head, chunk_size, setting
+        self._inner = model.__dict__.get("forward")  # a wrapper installed before us, e.g. accelerate's autocast
+        self.__signature__ = inspect.signature(model.forward)  # what the Trainer inspects for loss kwargs
+        self._active = True
+        model.forward = self
+
+    def restore(self) -> None:
+        """Give the model its forward back (idempotent). If something wrapped ours since, it only delegates."""
+        self._active = False
+        if self.model.__dict__.get("forward") is self:
+            if self._inner is None:
+                del self.model.forward
+            else:
+                self.model.forward = self._inner
+
+    def __call__(self, *args, **kwargs):
+        model = self.model
+        forward = self._inner or functools.partial(type(model).forward, model)
+        if not (self._active and kwargs.get("labels") is not None and model.training and torch.is_grad_enabled()):
+            return forward(*args, **kwargs)
+        captured: list[torch.Tensor] = []
+
+        def pass_hidden(hidden: torch.Tensor) -> torch.Tensor:
+            captured.append(hidden)
+            return hidden
+
+        def loss(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **_):
+            # transformers' ForCausalLMLoss, with the head applied here chunk by chunk.
+            if not captured or logits is not captured[-1]:
+                raise RuntimeError(
+                    f"slimfit: {type(model).__name__} changes its logits between the head and the loss; its head "
+                    "cannot run chunked (CompressionPolicy(lm_head_chunk=None) keeps the full logits)"
+                )
+            if shift_labels is None:
+                shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+            reduction = "mean" if num_items_in_batch is None else "sum"
+            value = linear_cross_entropy(
+                logits,
+                self.head.weight,
+                self.head.bias,
+                shift_labels.to(logits.device),
+                ignore_index=ignore_index,
+                reduction=reduction,
+                chunk_size=self.chunk_size,
+                setting=self.setting,
+            )
+            if num_items_in_batch is None:
+                return value
+            if torch.is_tensor(num_items_in_batch):
+                num_items_in_batch = num_items_in_batch.to(value.device)
+            return value / num_items_in_batch
+
+        head_forward, model_loss = self.head.__dict__.get("forward"), model.__dict__.get("_loss_function")
+        self.head.forward, model.loss_function = pass_hidden, loss
+        try:
+            out = forward(*args, **kwargs)
+        finally:
+            _put_back(self.head, "forward", head_forward)
+            _put_back(model, "_loss_function", model_loss)
+        if isinstance(out, ModelOutput):
+            return type(out)(**{k: v for k, v in out.items() if k != "logits"})
+        return (out[0], *out[2:])  # return_dict=False: (loss, logits, ...) without the logits
+
+
+def _put_back(obj: object, name: str, value: object) -> None:
+    if value is None:
+        obj.__dict__.pop(name, None)
+    else:
+        obj.__dict__[name] = value
+
+
+def route_lm_head(model: nn.Module, policy: CompressionPolicy) -> LMHeadRoute | None:
+    """Chunk the head and loss of ``model`` in training (:class:`LMHeadRoute`) if it is a causal LM of
+    :data:`CHUNKED_LM_HEAD_TYPES` with a linear head and transformers' default causal-LM loss, and the policy's
+    ``lm_head_chunk`` is set; else None (nothing changes)."""
+    if hf_activations is None or policy.lm_head_chunk is None or not isinstance(model, PreTrainedModel):
+        return None
+    if not type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
+        return None
+    head = model.get_output_embeddings()
+    if model.config.model_type not in CHUNKED_LM_HEAD_TYPES or not isinstance(head, nn.Linear):
+        return None
+    if model.loss_function is not LOSS_MAPPING["ForCausalLM"]:
+        return None
+    return LMHeadRoute(model, head, policy.lm_head_chunk, policy.linear_input)
 
 
 def route_attention(model: nn.Module, setting: Quantize | None) -> AttentionRoute | None:
