@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_vit import save_vit, write_classes, write_images
 
 from slimfit.data import DataError
 from slimfit.tasks.image_classification import ImageClassificationTask, prepare
@@ -21,39 +22,6 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("sklearn")
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-# (mode, suffix) of the images written per class, in turn: PNG and JPEG, colour, grey, alpha and palette.
-KINDS = [("RGB", ".png"), ("L", ".jpg"), ("RGBA", ".png"), ("P", ".png"), ("RGB", ".jpeg"), ("L", ".png")]
-
-
-def write_images(folder: Path, count: int, seed: int = 0) -> None:
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        mode, suffix = KINDS[i % len(KINDS)]
-        pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
-        Image.fromarray(pixels).convert(mode).save(folder / f"img{i:03d}{suffix}")
-
-
-def write_classes(root: Path, counts: dict[str, int]) -> Path:
-    for seed, (name, count) in enumerate(counts.items()):
-        write_images(root / name, count, seed)
-    return root
-
-
-def save_vit(folder: Path, num_labels: int = 2) -> Path:
-    config = transformers.ViTConfig(
-        image_size=16,
-        patch_size=4,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=num_labels,
-    )
-    torch.manual_seed(0)
-    transformers.ViTForImageClassification(config).save_pretrained(folder)
-    transformers.ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
-    return folder
 
 
 def options(model: Path | None, data: Path, eval_data: Path | None = None, fraction: float = 0.25, seed: int = 0):

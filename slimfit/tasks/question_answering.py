@@ -33,11 +33,11 @@ from slimfit.data import DataError
 from slimfit.finetune.options import BUNDLED_MODEL, FinetuneConfig
 from slimfit.tasks.base import (
     Task,
-    check_max_length,
     default_model_path,
     first_line,
     quiet_transformers,
     require_model_folder,
+    resolve_max_length,
 )
 
 #: Start and end candidates per window considered by post-processing (as in the SQuAD reference scripts).
@@ -430,11 +430,11 @@ def prepare(config: FinetuneConfig) -> QuestionAnsweringTask:
             f"--model: {model_path} has a slow (Python) tokenizer, {type(tokenizer).__name__}; question answering "
             "needs a fast one (tokenizer.json) for the character offsets of tokens"
         )
-    check_max_length(config.tokens, model_config, tokenizer, model_path)
+    tokens = resolve_max_length(config, model_config, tokenizer, model_path)
 
-    train_windows = tokenize_windows(tokenizer, train, config.tokens, config.doc_stride, str(config.data))
+    train_windows = tokenize_windows(tokenizer, train, tokens, config.doc_stride, str(config.data))
     eval_windows = tokenize_windows(
-        tokenizer, evaluation, config.tokens, config.doc_stride, str(config.eval_data or config.data)
+        tokenizer, evaluation, tokens, config.doc_stride, str(config.eval_data or config.data)
     )
     return QuestionAnsweringTask(
         model_path=model_path,
@@ -446,6 +446,7 @@ def prepare(config: FinetuneConfig) -> QuestionAnsweringTask:
         collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8),
         processor=tokenizer,
         examples={"train": len(train), "eval": len(evaluation)},
+        max_length=tokens,
         eval_examples=evaluation,
         eval_windows=eval_windows,
         allow_null=any(not example.answers for example in (*train, *evaluation)),

@@ -26,11 +26,11 @@ from slimfit.data import (
 from slimfit.finetune.options import BUNDLED_MODEL, FinetuneConfig
 from slimfit.tasks.base import (
     Task,
-    check_max_length,
     default_model_path,
     first_line,
     quiet_transformers,
     require_model_folder,
+    resolve_max_length,
 )
 
 
@@ -128,10 +128,11 @@ def prepare(config: FinetuneConfig) -> TextClassificationTask | TextRegressionTa
     except (OSError, ValueError) as error:
         raise DataError(f"--model: cannot load a tokenizer from {model_path}: {first_line(error)}") from error
     check_model(config, model_config, tokenizer, model_path, train.label_names)
+    tokens = resolve_max_length(config, model_config, tokenizer, model_path)
 
     def encode(split: TextDataset) -> list[dict[str, Any]]:
         # Pairs: truncate the longer text first, as GLUE fine-tuning does.
-        encoded = tokenizer(split.texts, split.pairs, truncation="longest_first", max_length=config.tokens)
+        encoded = tokenizer(split.texts, split.pairs, truncation="longest_first", max_length=tokens)
         keys = [key for key in ("input_ids", "attention_mask", "token_type_ids") if key in encoded]
         return [{**{key: encoded[key][i] for key in keys}, "labels": label} for i, label in enumerate(split.labels)]
 
@@ -145,6 +146,7 @@ def prepare(config: FinetuneConfig) -> TextClassificationTask | TextRegressionTa
         processor=tokenizer,
         label_names=train.label_names,
         examples={"train": len(train), "eval": len(evaluation)},
+        max_length=tokens,
     )
 
 
@@ -186,4 +188,3 @@ def check_model(
             f"--model: {model_path}: the tokenizer has {len(tokenizer)} tokens but the model embeds only "
             f"vocab_size={vocab_size} ({where}); tokenizer and weights do not belong together"
         )
-    check_max_length(config.tokens, model_config, tokenizer, model_path)
