@@ -75,10 +75,14 @@ def _finetune(args: argparse.Namespace) -> int:
         _check_resume(config)
         report.refuse_existing_output(output, checkpoints_allowed=resuming)
         config, task = tasks.prepare(config)
-        print(
-            f"task {config.task}, model {task.model_name}, {task.describe()}; method {config.method}, output {output}"
-        )
+        if loop.is_main_process():
+            print(
+                f"task {config.task}, model {task.model_name}, {task.describe()}; method {config.method}, "
+                f"output {output}"
+            )
         result = loop.run(config, task, output=output, progress=not args.quiet)
+        if not loop.is_main_process():  # under torchrun / accelerate launch, the first process reports
+            return 0
         with report.staged_output(output, checkpoints_allowed=resuming or config.save_steps is not None) as folder:
             report.write_run(result, config, folder, task)
     except Exception as error:  # any failure, expected or not, is one line; results are written only at the end
@@ -103,7 +107,7 @@ def _check_resume(config) -> None:
 def _bench(args: argparse.Namespace) -> int:
     try:
         from slimfit import bench, tasks
-        from slimfit.finetune import options, report
+        from slimfit.finetune import loop, options, report
     except ImportError as error:
         return _fail(f"`slimfit bench` needs the hf extra ({error.name} is missing): pip install 'slimfit[hf]'")
     config = _config(args, method="full")
@@ -116,6 +120,8 @@ def _bench(args: argparse.Namespace) -> int:
         results = bench.run_bench(
             config, task, methods=methods, freeze_ratios=args.freeze_ratios, seeds=args.seeds, progress=not args.quiet
         )
+        if not loop.is_main_process():
+            return 0
         with report.staged_output(output) as folder:
             summary = bench.write_bench(results, config, task, folder)
     except Exception as error:  # as in _finetune

@@ -168,3 +168,28 @@ def test_regression_labels_must_be_numbers(assets, tmp_path, capsys):
     data = write_rows(tmp_path / "words.csv", rows)
     argv = ["finetune", "--task", "regression", "--model", str(assets["encoder"]), "--data", str(data)]
     expect_error(capsys, tmp_path, [*argv, "--label-column", "score"], "example 6 has label 'high'")
+
+
+def test_torchrun_two_processes_report_once(assets, tmp_path):
+    """`torchrun` runs `slimfit finetune` data parallel (gloo on CPU); only the first process prints and writes."""
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists() or shutil.which("slimfit", path=str(torchrun.parent)) is None:
+        pytest.skip("torchrun and the installed slimfit command are needed")
+    data = ["--data", str(assets["pairs"]), "--text-column", "first", "--label-column", "y"]
+    argv = ["finetune", "--model", str(assets["bert"]), *data, "--freeze-ratio", "0.5", *SHORT, "--output", "run"]
+    process = subprocess.run(
+        [str(torchrun), "--nproc-per-node", "2", "--no-python", str(torchrun.parent / "slimfit"), *argv],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,  # not the repo root, whose slimfit/ would shadow the installed package
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert process.stdout.count("task classification, model") == 1
+    assert process.stdout.count("wrote metrics.json") == 1
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 3

@@ -10,6 +10,7 @@ forward keeps for backward).
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -126,6 +127,15 @@ class RunRecorder(TrainerCallback):
         self.eval_log.append({"epoch": epoch, "step": state.global_step, **scores})
         if self._bar is not None:
             self._bar.write(f"epoch {epoch}: " + ", ".join(f"{name} {value:.4f}" for name, value in scores.items()))
+
+
+def is_main_process() -> bool:
+    """False on every process but the first of a ``torchrun`` / ``accelerate launch`` job (they do not report).
+
+    Before the Trainer has joined the process group, the launcher's ``RANK`` variable tells."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
 
 
 def build_model(task: Task, config: FinetuneConfig) -> nn.Module:
