@@ -9,6 +9,7 @@ rows are multiples of the group size), so the saved bytes are measured at batch 
 extrapolation is checked to equal the measurement at batch 8 exactly before batch 128 is reported.
 
 Usage: python benchmarks/bench_memory.py [--out benchmarks/results/memory-DATE.md] [--models bert vit]
+       [--causal-lm llama qwen2 gpt2]
 """
 
 from __future__ import annotations
@@ -93,6 +94,59 @@ def families_table(names: list[str]) -> str:
         lines.append(
             f"| {name} | {full / MiB:.1f} | {frozen / MiB:.1f} | {slim / MiB:.1f} | {full / slim:.1f}x "
             f"| {frozen / slim:.1f}x |"
+        )
+        print(lines[-1], flush=True)
+    return "\n".join(lines) + "\n"
+
+
+CAUSAL_LMS = ("llama", "qwen2", "gpt2")
+
+
+def _causal_lm(name: str) -> tuple[torch.nn.Module, dict]:
+    """A 6-layer, hidden-512 causal LM (random init; Llama and Qwen2 with 8 query / 2 key-value heads, vocabulary
+    32,000; GPT-2 with 50,257 and its tied head) and a batch of 4 x 512 tokens with labels."""
+    torch.manual_seed(0)
+    decoder = dict(
+        hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2
+    )
+    if name == "llama":
+        model, vocab = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=32000, **decoder)), 32000
+    elif name == "qwen2":
+        model, vocab = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(vocab_size=32000, **decoder)), 32000
+    elif name == "gpt2":
+        config = transformers.GPT2Config(n_embd=512, n_layer=6, n_head=8, n_positions=512)
+        model, vocab = transformers.GPT2LMHeadModel(config), config.vocab_size
+    else:
+        raise ValueError(f"causal LM must be one of {list(CAUSAL_LMS)}, got {name!r}")
+    ids = torch.randint(0, vocab, (4, 512), generator=torch.Generator().manual_seed(4))
+    return model, dict(input_ids=ids, labels=ids)
+
+
+def causal_lm_table(names: list[str]) -> str:
+    """Saved-for-backward MiB of causal LMs given labels: full fine-tuning, 90% random freeze, and that freeze with
+    compression, first keeping the full logits (lm_head_chunk=None), then with the chunked head and loss."""
+    lines = [
+        "| model | full fine-tuning | 90% freeze | + compression, full logits | + chunked head (SlimFit) "
+        "| vs full | vs freeze |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        model, batch = _causal_lm(name)
+        model.train()
+        full = _saved(model, batch)
+        _random_freeze(model)
+        frozen = _saved(model, batch)
+        slim = {}
+        for chunk in (None, CompressionPolicy().lm_head_chunk):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                handle = patch(model, CompressionPolicy(lm_head_chunk=chunk))
+            slim[chunk] = _saved(model, batch)
+            handle.remove()
+        logits_kept, chunked = slim[None], slim[CompressionPolicy().lm_head_chunk]
+        lines.append(
+            f"| {name} | {full / MiB:.1f} | {frozen / MiB:.1f} | {logits_kept / MiB:.1f} | {chunked / MiB:.1f} "
+            f"| {full / chunked:.1f}x | {frozen / chunked:.1f}x |"
         )
         print(lines[-1], flush=True)
     return "\n".join(lines) + "\n"
@@ -191,6 +245,13 @@ def main() -> None:
         choices=["bert", "roberta", "distilbert", "electra", "vit", "deit"],
         help="also tabulate saved bytes at batch 8 for these base-size families (patch + random freeze)",
     )
+    parser.add_argument(
+        "--causal-lm",
+        nargs="*",
+        default=[],
+        choices=list(CAUSAL_LMS),
+        help="also tabulate saved bytes of 6-layer causal LMs at 4 x 512 tokens with labels (chunked head and loss)",
+    )
     args = parser.parse_args()
     rows = [r for m in args.models for r in run(m)]
     header = (
@@ -205,6 +266,9 @@ def main() -> None:
     text = header + (_table(rows) if rows else "")
     if args.families:
         text += "\n## Saved for backward (MiB), batch 8, per family\n\n" + families_table(args.families)
+    if args.causal_lm:
+        text += "\n## Causal LMs: saved for backward (MiB), 4 x 512 tokens with labels\n\n"
+        text += causal_lm_table(args.causal_lm)
     print(text)
     if args.out:
         with open(args.out, "w") as f:
