@@ -201,3 +201,55 @@ def test_tied_embeddings_are_one_layer(family, one_thread):
     assert report["weights"] == distinct  # the shared tensor counted once
     assert sum(p is embedding for p in optimizer.state) <= 1
     sf.remove()
+
+
+class OtherRMSNorm(nn.Module):
+    """An RMSNorm of a family slimfit never names (Llama's formula, written differently)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(size) + 0.5)
+        self.eps = 1e-6
+
+    def forward(self, x):
+        return self.weight * (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+class CenteredRMSNorm(OtherRMSNorm):
+    def forward(self, x):
+        return super().forward(x - x.mean(-1, keepdim=True))
+
+
+def test_torch_and_unnamed_rms_norms_in_a_plain_model(one_thread):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(32, 64), nn.RMSNorm(64), nn.Linear(64, 64), OtherRMSNorm(64), CenteredRMSNorm(64), nn.Linear(64, 2)
+    )
+    nn.init.normal_(model[1].weight, 1.0, 0.3)
+    x = torch.randn(16, 8, 32)
+
+    def step():
+        model.zero_grad()
+        with SavedTensorMeter(model) as meter:
+            loss = model(x).square().mean()
+        saved = meter.live_bytes
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()], saved
+
+    ref_loss, ref_grads, ref_saved = step()
+    for policy in (CompressionPolicy.exact(), CompressionPolicy()):
+        with pytest.warns(UserWarning, match=r"1 module\(s\) stay uncompressed: 4 \(CenteredRMSNorm\)"):
+            handle = patch(model, policy)
+        assert {n: c.__name__ for n, c in handle.patched.items() if "RMSNorm" in c.__name__} == {
+            "1": "RMSNorm",
+            "3": "OtherRMSNorm",
+        }
+        loss, grads, saved = step()
+        handle.remove()
+        torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-6)
+        for g, r in zip(grads, ref_grads, strict=True):
+            if policy == CompressionPolicy.exact():
+                torch.testing.assert_close(g, r, rtol=0, atol=1e-6)
+            else:
+                assert torch.nn.functional.cosine_similarity(g.flatten(), r.flatten(), dim=0) >= 0.999
+    assert saved * 2 < ref_saved

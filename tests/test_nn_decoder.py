@@ -152,6 +152,9 @@ def test_rms_norm_saves_code_and_rstd_only():
     assert sparse == rows * 13 * (4 + 2) + rows * 4  # 13 kept fp32 values + uint16 offsets, fp32 1/rms
     no_grad_input = torch.randn(8, 16, 128)
     assert _saved_bytes(lambda x: rms_norm(x, frozen, 1, 1e-6, "scale", Quantize(8)), no_grad_input) == 0
+    # Only the weight trains (nothing below does): dweight needs the code, not 1/rms.
+    only_weight = _saved_bytes(lambda x: rms_norm(x, trainable, 1, 1e-6, "scale", Quantize(8)), no_grad_input)
+    assert only_weight == x.numel() + 4 * rows
 
 
 def test_gated_product_saves_two_codes():
