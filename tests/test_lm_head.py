@@ -101,6 +101,16 @@ def test_only_the_weight_needs_grad_keeps_a_code_of_the_hidden_states():
     assert coded_saved == 512 * (128 + per_token) + 512 * 4 + count  # 8-bit codes, bf16 scale + offset per group
 
 
+def test_hidden_states_that_need_grad_are_kept_exact():
+    """Their gradient needs the softmax recomputed from them: a code would change it, so the setting is not used."""
+    hidden, weight, bias, labels = _case(300, 128, 500)
+    inputs = (hidden, weight, bias)
+    got = torch.autograd.grad(linear_cross_entropy(*inputs, labels, chunk_size=64, setting=Quantize(2)), inputs)
+    ref = torch.autograd.grad(_reference(*inputs, labels), inputs)
+    for g, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
 def _saved_bytes(fn, hidden, labels) -> int:
     with SavedTensorMeter() as meter:
         loss = fn(hidden, labels)
