@@ -9,6 +9,9 @@ Which modules really ran through it is checked at their first forward: an attent
 through the registry (a refactored transformers, a custom model) or that needs what slimfit's attention does not do
 (position bias, a paged cache, softcapping: transformers' SDPA runs instead) is named in one warning
 and listed in :attr:`AttentionRoute.uncompressed`, never left uncompressed silently.
+
+Causal LMs of :data:`CHUNKED_LM_HEAD_TYPES` get :class:`LMHeadRoute` as their forward: in training with labels their
+head and loss run chunked (:func:`slimfit.nn.lm_head.linear_cross_entropy`) and the N x V logits are never built.
 """
 
 from __future__ import annotations
