@@ -10,14 +10,13 @@ recomputes ``act`` and ``act'`` from the decoded gate. A derivative code (as for
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 from slimfit.nn._saving import decode, encode, load, save
 from slimfit.nn.activation import ACTIVATIONS
+from slimfit.nn.rmsnorm import _takes_one_tensor
 from slimfit.policy import Quantize
 
 
@@ -74,8 +73,7 @@ def is_gated_mlp(module: nn.Module) -> bool:
     act = getattr(module, "act_fn", None)
     if not (all(isinstance(p, nn.Linear) for p in parts) and isinstance(act, nn.Module)):
         return False
-    params = list(inspect.signature(type(module).forward).parameters.values())[1:]
-    if len(params) != 1 or params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
+    if not _takes_one_tensor(type(module).forward):
         return False
     gate_proj, up_proj, down_proj = parts
     weight = gate_proj.weight

@@ -166,6 +166,6 @@ def rms_norm_form(module: nn.Module) -> str | None:
 
 
 def _takes_one_tensor(forward) -> bool:
-    """The patched forward takes exactly one argument; a forward with optional extras (a gate) could get more."""
+    """A patched forward takes exactly one argument; a forward with optional extras (a gate) could be given more."""
     params = list(inspect.signature(forward).parameters.values())[1:]
     return len(params) == 1 and params[0].kind in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD)
