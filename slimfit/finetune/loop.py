@@ -121,8 +121,7 @@ class RunRecorder(TrainerCallback):
             self._bar.update()
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        output = self.trainer.predict(self.task.eval_dataset)
-        scores = self.task.compute_metrics(output.predictions, output.label_ids)
+        scores = self.task.evaluate(self.trainer)
         epoch = math.ceil(state.epoch - 1e-9)  # the last epoch may end early (--max-steps)
         self.eval_log.append({"epoch": epoch, "step": state.global_step, **scores})
         if self._bar is not None:

@@ -69,6 +69,14 @@ class Task(ABC):
         """Metrics from the Trainer's ``predict(eval_dataset)`` outputs (``predictions`` are the model's logits,
         a tuple when it returns several, for the whole of ``eval_dataset`` in order). Values are fractions."""
 
+    def evaluate(self, trainer: Any) -> dict[str, float]:
+        """The task's metrics on ``eval_dataset`` with the Trainer's current model (after every epoch).
+
+        Predicts the whole eval set and hands the outputs to :meth:`compute_metrics`; a task whose metric is the
+        loss alone (language modelling: predictions would be batch x length x vocabulary) overrides this."""
+        output = trainer.predict(self.eval_dataset)
+        return self.compute_metrics(output.predictions, output.label_ids)
+
     def describe(self) -> str:
         """The part of the run header that describes the data, e.g. ``2002 train / 223 eval examples, 5 classes``."""
         text = f"{self.examples.get('train', 0)} train / {self.examples.get('eval', 0)} eval examples"
