@@ -9,7 +9,7 @@ rows are multiples of the group size), so the saved bytes are measured at batch 
 extrapolation is checked to equal the measurement at batch 8 exactly before batch 128 is reported.
 
 Usage: python benchmarks/bench_memory.py [--out benchmarks/results/memory-DATE.md] [--models bert vit]
-       [--causal-lm llama qwen2 gpt2]
+       [--causal-lm llama qwen2 gpt2] [--causal-lm-memory llama qwen2 gpt2]
 """
 
 from __future__ import annotations
@@ -215,6 +215,44 @@ def run(name: str) -> list[dict]:
     return rows
 
 
+def run_causal_lm(name: str) -> list[dict]:
+    """Bytes by category for :func:`_causal_lm`'s model and batch: full fine-tuning, then SlimFit's schedule without
+    compression (freeze only) and with it; both SlimFit rows train the same first set (seed 0)."""
+    rows = []
+    for setup, policy in (("full fine-tuning", None), ("freeze only", None), ("SlimFit", CompressionPolicy())):
+        model, batch = _causal_lm(name)
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters())
+        sf = None
+        if setup != "full fine-tuning":
+            sf = slimfit.SlimFit(model, optimizer, freeze_ratio=FREEZE_RATIO, compression=policy, seed=0)
+        saved = _saved(model, batch)
+        counts = _train_step(model, optimizer, batch, sf)
+        rows.append(dict(model=name, setup=setup, saved=saved, **counts))
+        print(rows[-1], flush=True)
+        if sf is not None:
+            sf.remove()
+    return rows
+
+
+def _causal_lm_memory_table(rows: list[dict]) -> str:
+    head = (
+        "| model | setup | weights | gradients | AdamW state | saved | total | saved vs full |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+    )
+    full = {r["model"]: r["saved"] for r in rows if r["setup"] == "full fine-tuning"}
+    lines = []
+    for r in rows:
+        cells = [r["weights"], r["gradients"], r["optimizer"], r["saved"]]
+        cells.append(sum(cells))
+        lines.append(
+            f"| {r['model']} | {r['setup']} | "
+            + " | ".join(f"{c / MiB:.1f}" for c in cells)
+            + f" | {full[r['model']] / r['saved']:.1f}x |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
 def _table(rows: list[dict]) -> str:
     head = (
         "| model | setup | weights | gradients | AdamW state | saved b8 | total b8 | saved b128 | total b128 "
@@ -252,6 +290,13 @@ def main() -> None:
         choices=list(CAUSAL_LMS),
         help="also tabulate saved bytes of 6-layer causal LMs at 4 x 512 tokens with labels (chunked head and loss)",
     )
+    parser.add_argument(
+        "--causal-lm-memory",
+        nargs="*",
+        default=[],
+        choices=list(CAUSAL_LMS),
+        help="also tabulate bytes by category of these causal LMs (full, freeze only and SlimFit at 4 x 512 tokens)",
+    )
     args = parser.parse_args()
     rows = [r for m in args.models for r in run(m)]
     header = (
@@ -269,6 +314,9 @@ def main() -> None:
     if args.causal_lm:
         text += "\n## Causal LMs: saved for backward (MiB), 4 x 512 tokens with labels\n\n"
         text += causal_lm_table(args.causal_lm)
+    if args.causal_lm_memory:
+        text += "\n## Causal LMs: bytes by category (MiB), 4 x 512 tokens with labels, after one step\n\n"
+        text += _causal_lm_memory_table([r for m in args.causal_lm_memory for r in run_causal_lm(m)])
     print(text)
     if args.out:
         with open(args.out, "w") as f:
