@@ -27,6 +27,21 @@ from slimfit.finetune.options import METHODS, SCHEDULED_METHODS, FinetuneConfig
 from slimfit.finetune.report import RunResult, describe_data, human_bytes
 from slimfit.tasks.base import Task
 
+UNSCALED_METRICS = frozenset({"perplexity", "eval_loss"})
+"""Metrics that are not fractions (language modelling's): shown as they are and compared with full fine-tuning in
+their own unit (``<metric>_delta``), where fractions are shown x100 and compared in points (``_delta_points``)."""
+LOWER_IS_BETTER = frozenset({"perplexity", "eval_loss", "mse"})
+"""Metrics where less is better (the others: accuracy, F1, correlations); the table and plot mark them."""
+
+
+def delta_key(metric: str) -> str:
+    """The summary column of ``metric``'s difference to full fine-tuning (see :data:`UNSCALED_METRICS`)."""
+    return f"{metric}_delta" if metric in UNSCALED_METRICS else f"{metric}_delta_points"
+
+
+def _scale(metric: str) -> float:
+    return 1.0 if metric in UNSCALED_METRICS else 100.0
+
 
 def parse_methods(text: str) -> list[str]:
     """``"slimfit,lora"`` -> ``["full", "slimfit", "lora"]``: full fine-tuning always runs first, as the reference."""
@@ -127,7 +142,7 @@ def run_rows(results: Sequence[RunResult]) -> list[dict[str, Any]]:
 
 def summarise(rows: Sequence[Mapping[str, Any]], metric_names: Sequence[str]) -> list[dict[str, Any]]:
     """Mean (and standard deviation over seeds) of every numeric column, per run label, in first-seen order;
-    ``<headline>_delta_points``: the first metric's mean minus full fine-tuning's, times 100."""
+    :func:`delta_key` of the first metric: its mean minus full fine-tuning's (times 100 for fractions)."""
     summary = []
     headline = metric_names[0]
     for label in dict.fromkeys(row["label"] for row in rows):
@@ -140,7 +155,7 @@ def summarise(rows: Sequence[Mapping[str, Any]], metric_names: Sequence[str]) ->
             entry[key] = float(values.mean())
             entry[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
         full = np.array([row[headline] for row in rows if row["method"] == "full"], dtype=float).mean()
-        entry[f"{headline}_delta_points"] = 100 * (entry[headline] - float(full))
+        entry[delta_key(headline)] = _scale(headline) * (entry[headline] - float(full))
         numeric = [key for key in group[0] if key.startswith(("memory_", "time_ratio", "seconds_per_step"))]
         for key in numeric:
             entry[key] = float(np.mean([row[key] for row in group]))
@@ -181,15 +196,19 @@ def write_bench(results: Sequence[RunResult], config: FinetuneConfig, task: Task
         title=f"{settings['model']} on {settings['data']} ({task.name}): {results[0].steps} steps, batch "
         f"{config.batch_size}, {device}, seeds {sorted({r.seed for r in results})}",
         metric=task.metric_names[0],
+        fraction=task.metric_names[0] not in UNSCALED_METRICS,
+        lower_is_better=task.metric_names[0] in LOWER_IS_BETTER,
     )
     return summary
 
 
 def render_summary(summary: Sequence[Mapping[str, Any]], task: Task) -> str:
-    """Terminal table: the task's metrics (mean ± std, x100), saved-activation and total memory, time per step."""
+    """Terminal table: the task's metrics (mean ± std, fractions x100; ↓: lower is better), saved-activation and
+    total memory, time per step."""
     metrics = [name for name in task.metric_names if name in summary[0]]
     headline = metrics[0]
-    header = ("run", "seeds", *metrics, "Δ vs full", "activations", "x less", "total", "x less", "s/step")
+    names = [name + (" ↓" if name in LOWER_IS_BETTER else "") for name in metrics]
+    header = ("run", "seeds", *names, "Δ vs full", "activations", "x less", "total", "x less", "s/step")
     lines = []
     for entry in summary:
         activations = entry.get("memory_activations", float("nan"))
@@ -198,8 +217,8 @@ def render_summary(summary: Sequence[Mapping[str, Any]], task: Task) -> str:
             (
                 entry["label"],
                 str(entry["seeds"]),
-                *(f"{100 * entry[name]:.2f} ± {100 * entry[f'{name}_std']:.2f}" for name in metrics),
-                f"{entry[f'{headline}_delta_points']:+.2f}",
+                *(f"{_scale(name) * entry[name]:.2f} ± {_scale(name) * entry[f'{name}_std']:.2f}" for name in metrics),
+                f"{entry[delta_key(headline)]:+.2f}",
                 human_bytes(activations),
                 f"{1 / entry['memory_ratio_activations']:.1f}" if entry.get("memory_ratio_activations") else "-",
                 human_bytes(total),

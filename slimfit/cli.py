@@ -148,13 +148,15 @@ def _add_training_options(parser: argparse.ArgumentParser, with_checkpoints: boo
         "--task",
         choices=TASKS,
         help="what to train; default: inferred from --data (class folders of images: image-classification; SQuAD "
-        "JSON, or JSONL with question and context: question-answering; numeric non-integer labels: regression; "
-        "otherwise classification)",
+        "JSON, or JSONL with question and context: question-answering; prompt and response columns and no label "
+        "column: causal-lm; numeric non-integer labels: regression; otherwise classification); plain-text "
+        "causal-lm must be asked for",
     )
     data.add_argument(
         "--model",
         help="local Hugging Face model folder (default: the bundled pretrained MiniLM-L6 for text tasks; image "
-        "classification needs an image model folder with its preprocessor_config.json)",
+        "classification needs an image model folder with its preprocessor_config.json, causal-lm a causal language "
+        "model folder with its tokenizer, e.g. Llama, Qwen, GPT-2)",
     )
     data.add_argument(
         "--data",
@@ -170,6 +172,18 @@ def _add_training_options(parser: argparse.ArgumentParser, with_checkpoints: boo
         "--label-column",
         default=default("label_column"),
         help="CSV/JSONL column of the label: a class (string or integer) or a number for regression",
+    )
+    data.add_argument(
+        "--prompt-column",
+        default=default("prompt_column"),
+        help="causal-lm: CSV/JSONL column of the prompt; a file with it and --response-column trains on the "
+        "responses only (default: %(default)s; without both columns: plain text from --text-column, packed)",
+    )
+    data.add_argument(
+        "--response-column",
+        default=default("response_column"),
+        help="causal-lm: CSV/JSONL column of the response to --prompt-column, the tokens the loss is on "
+        "(default: %(default)s)",
     )
     data.add_argument("--eval-data", help="separate evaluation set, same format (default: split off --data)")
     data.add_argument(
@@ -294,8 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune",
         help="fine-tune a model on a task and report its metrics, memory and speed",
         description="Fine-tune a Hugging Face model (text classification or regression, sentence pairs, question "
-        "answering, image classification) with SlimFit or another method on the Hugging Face Trainer, and report "
-        "the task's metrics, memory by category and time per step.",
+        "answering, image classification, causal language modelling) with SlimFit or another method on the Hugging "
+        "Face Trainer, and report the task's metrics, memory by category and time per step.",
         epilog=FINETUNE_EPILOG,
         formatter_class=formatter,
     )

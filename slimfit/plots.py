@@ -78,20 +78,30 @@ def layer_heatmap(layers: Sequence[str], schedule: Sequence[Sequence[bool]], pat
     _save(fig, path)
 
 
-def bench_ratios(rows: Sequence[Mapping[str, Any]], path: Path, title: str, metric: str = "accuracy") -> None:
-    """Three panels over benchmark runs: the headline ``metric``, memory by category and time per step, the last
-    two relative to full fine-tuning (``rows``: one per run label, with ``label``, ``<metric>``, ``<metric>_std``,
-    ``time_ratio`` and ``memory_ratio_<category>`` keys)."""
+def bench_ratios(
+    rows: Sequence[Mapping[str, Any]],
+    path: Path,
+    title: str,
+    metric: str = "accuracy",
+    fraction: bool = True,
+    lower_is_better: bool = False,
+) -> None:
+    """Three panels over benchmark runs: the headline ``metric`` (x100 when it is a ``fraction``), memory by
+    category and time per step, the last two relative to full fine-tuning (``rows``: one per run label, with
+    ``label``, ``<metric>``, ``<metric>_std``, ``time_ratio`` and ``memory_ratio_<category>`` keys)."""
     plt = _pyplot()
     labels = [row["label"] for row in rows]
     x = np.arange(len(labels))
     categories = [key.removeprefix("memory_ratio_") for key in rows[0] if key.startswith("memory_ratio_")]
     fig, axes = plt.subplots(1, 3, figsize=(max(12, 1.6 * len(labels) * 3), 4.8))
-    values = np.array([row[metric] for row in rows]) * 100
-    spread = np.array([row.get(f"{metric}_std", 0.0) for row in rows]) * 100
+    scale = 100 if fraction else 1
+    values = np.array([row[metric] for row in rows]) * scale
+    spread = np.array([row.get(f"{metric}_std", 0.0) for row in rows]) * scale
     axes[0].bar(x, values, yerr=spread, capsize=3, color="tab:blue")
-    low = max(0.0, float((values - spread).min()) - 5)
-    axes[0].set(ylabel=f"{metric} (x100)", title=f"eval {metric} (mean ± std over seeds)", ylim=(low, 100))
+    better = ", lower is better" if lower_is_better else ""
+    axes[0].set(ylabel=metric + (" (x100)" if fraction else ""), title=f"eval {metric} (mean ± std over seeds{better})")
+    if fraction:  # a fraction's axis ends at 100; the bars start near the lowest value to show small differences
+        axes[0].set_ylim(max(0.0, float((values - spread).min()) - 5), 100)
     width = 0.8 / max(1, len(categories))
     for i, category in enumerate(categories):
         values = [row[f"memory_ratio_{category}"] for row in rows]

@@ -15,7 +15,7 @@ from slimfit.data import DataError
 METHODS = ("full", "freeze-only", "slimfit", "grad-ckpt", "lora")
 """full fine-tuning; ILS without compression; SlimFit (ILS + compressed activations); activation checkpointing; LoRA."""
 SCHEDULED_METHODS = ("freeze-only", "slimfit")
-TASKS = ("classification", "regression", "question-answering", "image-classification")
+TASKS = ("classification", "regression", "question-answering", "image-classification", "causal-lm")
 DEVICES = ("auto", "cpu", "cuda")
 
 # Measured on MiniLM / BBC News (README, "Learning rate"): full fine-tuning peaks at 5e-5..1e-4, while training a
@@ -42,6 +42,8 @@ class FinetuneConfig:
     text_column: str = "text"
     text_pair_column: str | None = None  # the second text of sentence pairs
     label_column: str = "label"
+    prompt_column: str = "prompt"  # causal-lm: with response_column, the instruction format (loss on responses)
+    response_column: str = "response"
     eval_data: str | None = None
     eval_fraction: float = 0.1
     method: str = "slimfit"

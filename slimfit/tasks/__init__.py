@@ -2,12 +2,14 @@
 
 One module per task family, each with ``prepare(config) -> Task`` (:mod:`slimfit.tasks.base`): text
 classification and regression (:mod:`.text`, single texts or sentence pairs), extractive question answering
-(:mod:`.question_answering`) and image classification (:mod:`.image_classification`). Task modules import
-transformers, so this package is imported only by the subcommands that train.
+(:mod:`.question_answering`), image classification (:mod:`.image_classification`) and causal language modelling
+(:mod:`.causal_lm`). Task modules import transformers, so this package is imported only by the subcommands that
+train.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import importlib
 import json
@@ -24,14 +26,18 @@ _MODULES = {
     "regression": "slimfit.tasks.text",
     "question-answering": "slimfit.tasks.question_answering",
     "image-classification": "slimfit.tasks.image_classification",
+    "causal-lm": "slimfit.tasks.causal_lm",
 }
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def infer_task(config: FinetuneConfig) -> str:
     """``--task``, or what ``--data`` looks like: a folder of class folders holding images is image
-    classification, SQuAD-format JSON (or JSONL with question and context) question answering, labels that are
-    numbers but not all integers regression, anything else classification."""
+    classification, SQuAD-format JSON (or JSONL with question and context) question answering, CSV or JSONL with
+    prompt and response columns (``--prompt-column``, ``--response-column``) and no label column causal language
+    modelling, labels that are numbers but not all integers regression, anything else classification. Plain-text
+    language modelling is never guessed (a text column alone is as likely classification data missing its labels):
+    it needs ``--task causal-lm``."""
     if config.task is not None:
         return config.task
     if config.data is None:
@@ -42,8 +48,11 @@ def infer_task(config: FinetuneConfig) -> str:
         return "image-classification" if any(f.suffix.lower() in IMAGE_SUFFIXES for f in files) else "classification"
     if path.suffix.lower() == ".json":
         return "question-answering"
-    if path.suffix.lower() in (".jsonl", ".ndjson") and _first_record_keys(path) >= {"question", "context"}:
+    columns = _columns(path)
+    if path.suffix.lower() in (".jsonl", ".ndjson") and columns >= {"question", "context"}:
         return "question-answering"
+    if columns >= {config.prompt_column, config.response_column} and config.label_column not in columns:
+        return "causal-lm"
     return "regression" if is_regression(read_labels(path, config.label_column)) else "classification"
 
 
@@ -55,11 +64,14 @@ def prepare(config: FinetuneConfig) -> tuple[FinetuneConfig, Task]:
     return dataclasses.replace(config, max_length=task.max_length), task
 
 
-def _first_record_keys(path: Path) -> set[str]:
+def _columns(path: Path) -> set[str]:
+    """The header of a CSV file, or the keys of the first object of a JSONL file (empty if unreadable)."""
     try:
-        with path.open(encoding="utf-8") as handle:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            if path.suffix.lower() == ".csv":
+                return set(next(csv.reader(handle), []))
             line = next((line for line in handle if line.strip()), "")
         record = json.loads(line) if line else {}
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+    except (OSError, csv.Error, json.JSONDecodeError, UnicodeDecodeError):
         return set()
     return set(record) if isinstance(record, dict) else set()
