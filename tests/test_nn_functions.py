@@ -269,3 +269,23 @@ def test_half_precision_follows_activation_dtype():
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+
+
+def test_attention_backward_replays_forward_autocast():
+    """Rotary embeddings leave q and k in fp32 while v is bf16 under autocast: the backward recompute must cast
+    as forward did (it failed with mixed dtypes before)."""
+    from slimfit.nn.attention import scaled_dot_product_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 2, 8, 16, generator=g, requires_grad=True) for _ in range(2))
+    v = torch.randn(1, 2, 8, 16, generator=g).bfloat16().requires_grad_()
+    grads = []
+    for setting in (None, Quantize(8)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = scaled_dot_product_attention(q, k, v, is_causal=True, setting=setting)
+        got = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+        assert [t.dtype for t in got] == [torch.float32, torch.float32, torch.bfloat16]
+        grads.append(got)
+    for exact, compressed in zip(*grads, strict=True):
+        cos = torch.nn.functional.cosine_similarity(exact.float().flatten(), compressed.float().flatten(), dim=0)
+        assert cos > 0.99

@@ -52,6 +52,10 @@ class AttentionFunction(torch.autograd.Function):
             out = _sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         save(ctx, encode(q, setting), encode(k, setting), encode(v, setting), attn_mask, state)
         ctx.args = (dropout_p, is_causal, scale, enable_gqa)
+        # Backward runs outside autocast; replaying forward's keeps SDPA's casts (e.g. fp32 q and k after rotary
+        # embeddings with a bf16 v) the same in the recompute.
+        device = q.device.type
+        ctx.autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         return out
 
     @staticmethod
@@ -63,7 +67,8 @@ class AttentionFunction(torch.autograd.Function):
         saved_qkv = (q_saved, k_saved, v_saved)
         inputs = [decode(s).detach().requires_grad_(n) for s, n in zip(saved_qkv, needs[:3], strict=True)]
         mask = attn_mask.detach().requires_grad_(needs[3]) if attn_mask is not None else None
-        with torch.enable_grad():
+        autocast = torch.autocast(grad.device.type, dtype=ctx.autocast, enabled=ctx.autocast is not None)
+        with torch.enable_grad(), autocast:
             if state is not None:
                 with replay(grad.device, state):
                     out = _sdpa(*inputs, mask, dropout_p, is_causal, scale, enable_gqa)
