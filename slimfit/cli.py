@@ -61,12 +61,22 @@ def _failed(command: str, error: Exception) -> int:
     )
 
 
+def _quiet_libraries() -> None:
+    """The command's own bar and table report the run; transformers' warnings, notices and bars (checkpoint
+    writing, weight loading) would bury them. Errors still show."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 def _finetune(args: argparse.Namespace) -> int:
     try:
         from slimfit import tasks
         from slimfit.finetune import loop, options, report
     except ImportError as error:
         return _fail(f"`slimfit finetune` needs the hf extra ({error.name} is missing): pip install 'slimfit[hf]'")
+    _quiet_libraries()
     config = _config(args)
     output = Path(args.output or _default_output("finetune"))
     resuming = config.resume_from_checkpoint is not None
@@ -97,10 +107,18 @@ def _check_resume(config) -> None:
     from slimfit.data import DataError
 
     folder = config.resume_from_checkpoint
-    if folder is not None and not (Path(folder) / "trainer_state.json").is_file():
+    if folder is None:
+        return
+    if not (Path(folder) / "trainer_state.json").is_file():
         raise DataError(
             f"--resume-from-checkpoint: {folder} is not a Trainer checkpoint folder (no trainer_state.json); "
             "expected a checkpoint-<step> folder written with --save-steps"
+        )
+    state = json.loads((Path(folder) / "trainer_state.json").read_text())
+    if state.get("global_step", 0) >= state.get("max_steps", float("inf")) > 0:
+        raise DataError(
+            f"--resume-from-checkpoint: {folder} is at step {state['global_step']} of {state['max_steps']}, the end "
+            "of its run; nothing is left to train (the trained model is in that folder)"
         )
 
 
@@ -110,6 +128,7 @@ def _bench(args: argparse.Namespace) -> int:
         from slimfit.finetune import loop, options, report
     except ImportError as error:
         return _fail(f"`slimfit bench` needs the hf extra ({error.name} is missing): pip install 'slimfit[hf]'")
+    _quiet_libraries()
     config = _config(args, method="full")
     output = Path(args.output or _default_output("bench"))
     try:

@@ -165,10 +165,10 @@ def test_slimfit_run_logs_the_learning_rate_each_step_used(assets, tmp_path):
     assert metrics["config"]["slimfit_lr"] == 3e-4
     with (output / "steps.csv").open() as handle:
         rates = [float(row["lr"]) for row in csv.DictReader(handle)]
-    # Linear warm-up over round(6% of 20) = 1 step, then linear decay towards 0 at step 20 (not reached).
-    warmup, total = 1, 20
+    # Linear warm-up over ceil(6% of 20) = 2 steps (the Trainer's rounding), then linear decay towards 0 at step 20.
+    warmup, total = 2, 20
     expected = [3e-4 * (s / warmup if s < warmup else (total - s) / (total - warmup)) for s in range(total)]
-    assert expected[0] == 0.0 and expected[1] == 3e-4 and expected[-1] == pytest.approx(3e-4 / 19)
+    assert expected[:3] == [0.0, 1.5e-4, 3e-4] and expected[-1] == pytest.approx(3e-4 / 18)
     assert rates == pytest.approx(expected, rel=1e-12, abs=0.0)
 
 
@@ -381,3 +381,37 @@ def test_resumed_run_reproduces_the_uninterrupted_one(assets, tmp_path):
 def test_resume_from_something_that_is_not_a_checkpoint(assets, tmp_path, capsys):
     argv = finetune(assets, "--resume-from-checkpoint", str(tmp_path), "--output", str(tmp_path / "o"))
     expect_error(capsys, argv, f"--resume-from-checkpoint: {tmp_path} is not a Trainer checkpoint folder")
+
+
+def test_resume_from_the_last_checkpoint_is_refused(assets, tmp_path, capsys):
+    whole = tmp_path / "whole"
+    argv = finetune(assets, "--freeze-ratio", "0.5", "--save-steps", "3")
+    assert cli.main([*argv, "--output", str(whole)]) == 0
+    last = whole / "checkpoint-3"
+    expect_error(
+        capsys,
+        [*finetune(assets), "--resume-from-checkpoint", str(last), "--output", str(tmp_path / "o")],
+        f"--resume-from-checkpoint: {last} is at step 3 of 3, the end of its run",
+    )
+
+
+def test_logged_loss_is_the_steps_loss_with_gradient_accumulation(assets, tmp_path):
+    """Accumulating 2 micro-batches of 4 logs the same step loss as one batch of 8 (dropout off: eval-mode model
+    config), within float tolerance."""
+    model = tmp_path / "model"
+    shutil.copytree(assets["model"], model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (model / "config.json").write_text(json.dumps(config))
+
+    def first_loss(folder, *extra):
+        argv = finetune(assets, "--method", "full", *extra)
+        argv[argv.index(str(assets["model"]))] = str(model)
+        argv[argv.index("--max-steps") + 1] = "1"
+        assert cli.main([*argv, "--output", str(folder)]) == 0
+        with (folder / "steps.csv").open() as handle:
+            return float(next(csv.DictReader(handle))["loss"])
+
+    whole = first_loss(tmp_path / "a", "--batch-size", "8")
+    accumulated = first_loss(tmp_path / "b", "--batch-size", "4", "--gradient-accumulation-steps", "2")
+    assert accumulated == pytest.approx(whole, rel=1e-5)

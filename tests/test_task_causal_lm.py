@@ -175,6 +175,8 @@ def test_eval_split_is_seeded_and_by_text(assets):
     assert first.eval_dataset == again.eval_dataset
     other = prepare(model=str(assets["llama"]), data=str(assets["text"]), eval_fraction=0.25, seed=1)
     assert other.eval_dataset != first.eval_dataset
+    blocks = {tuple(feature["input_ids"]) for feature in first.train_dataset}
+    assert blocks.isdisjoint(tuple(feature["input_ids"]) for feature in first.eval_dataset)
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -343,3 +345,19 @@ def test_slimfit_never_keeps_the_logits(tmp_path):
     assert full.memory["activations"] > logits
     assert slimfit.memory["activations"] < logits / 4
     assert slimfit.uncompressed_modules == []
+
+
+def test_logged_loss_with_gradient_accumulation_is_the_steps_loss(assets, tmp_path):
+    """The Trainer normalises a causal LM's loss by the step's token count: 2 accumulated micro-batches of 2 must
+    log the loss that one batch of 4 logs (random init, no dropout in these configs), not half of it."""
+
+    def first_loss(folder: Path, *extra: str) -> float:
+        argv = ["finetune", "--task", "causal-lm", "--model", str(assets["llama"]), "--data", str(assets["text"])]
+        argv += ["--method", "full", "--max-steps", "1", "--quiet", *extra]
+        assert cli.main([*argv, "--output", str(folder)]) == 0
+        with (folder / "steps.csv").open() as handle:
+            return float(next(csv.DictReader(handle))["loss"])
+
+    whole = first_loss(tmp_path / "a", "--batch-size", "4")
+    accumulated = first_loss(tmp_path / "b", "--batch-size", "2", "--gradient-accumulation-steps", "2")
+    assert accumulated == pytest.approx(whole, rel=1e-4)

@@ -39,10 +39,15 @@ class MeteredTrainer(Trainer):
         if self.meter is None or not (model.training and torch.is_grad_enabled()):
             return super().compute_loss(model, inputs, *args, **kwargs)
         with self.meter.forward():
-            result = super().compute_loss(model, inputs, *args, **kwargs)
-        loss = result[0] if isinstance(result, tuple) else result
-        self.step_losses.append(float(loss.detach()))
-        return result
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # What training_step returns is already this micro-batch's share of the step's loss (divided by the
+        # accumulation steps, or by the step's token count for models taking num_items_in_batch): the shares of
+        # one optimizer step add up to its loss.
+        loss = super().training_step(*args, **kwargs)
+        self.step_losses.append(float(loss))
+        return loss
 
 
 class RunRecorder(TrainerCallback):
@@ -104,7 +109,7 @@ class RunRecorder(TrainerCallback):
             {
                 "step": state.global_step,
                 "epoch": math.ceil(state.epoch - 1e-9),
-                "loss": float(np.mean(losses)) if losses else float("nan"),
+                "loss": float(np.sum(losses)) if losses else float("nan"),
                 "lr": self._lr,
                 "seconds": seconds,
                 "trainable_layers": len(self._trained),
@@ -139,8 +144,8 @@ def is_main_process() -> bool:
 
 def build_model(task: Task, config: FinetuneConfig) -> nn.Module:
     """The task's fresh model with the method's changes (LoRA adapters; checkpointing is the Trainer's)."""
-    quiet_transformers()
-    model = task.build_model()
+    with quiet_transformers():
+        model = task.build_model()
     if config.method == "lora":
         from peft import LoraConfig, TaskType, get_peft_model
 
@@ -159,13 +164,7 @@ def build_model(task: Task, config: FinetuneConfig) -> nn.Module:
     return model
 
 
-def _optimizer_steps(config: FinetuneConfig, task: Task) -> int:
-    per_epoch = math.ceil(math.ceil(len(task.train_dataset) / config.batch_size) / config.gradient_accumulation_steps)
-    total = config.epochs * per_epoch
-    return min(total, config.max_steps) if config.max_steps is not None else total
-
-
-def training_arguments(config: FinetuneConfig, task: Task, output_dir: Path, device: torch.device, progress: bool):
+def training_arguments(config: FinetuneConfig, output_dir: Path, device: torch.device) -> TrainingArguments:
     """The Trainer's arguments for ``config`` (AdamW, linear warm-up and decay, evaluation by :class:`RunRecorder`)."""
     return TrainingArguments(
         output_dir=str(output_dir),
@@ -177,7 +176,7 @@ def training_arguments(config: FinetuneConfig, task: Task, output_dir: Path, dev
         learning_rate=config.method_lr,
         weight_decay=0.01,  # torch.optim.AdamW's default, which slimfit's runs used before the Trainer
         lr_scheduler_type="linear",
-        warmup_steps=round(config.warmup_fraction * _optimizer_steps(config, task)),
+        warmup_steps=config.warmup_fraction,  # below 1: a share of the optimizer steps, counted by the Trainer
         seed=config.seed,
         data_seed=config.seed,
         bf16=config.bf16,
@@ -225,7 +224,7 @@ def run(config: FinetuneConfig, task: Task, output: Path | None = None, progress
     callbacks.append(recorder)  # after SlimFit's: it measures the optimizer state after SlimFit moved it
 
     scratch = None if config.save_steps else Path(tempfile.mkdtemp(prefix="slimfit-trainer-"))
-    args = training_arguments(config, task, output if scratch is None else scratch, device, progress)
+    args = training_arguments(config, output if scratch is None else scratch, device)
     trainer = MeteredTrainer(
         model=model,
         args=args,
@@ -235,10 +234,16 @@ def run(config: FinetuneConfig, task: Task, output: Path | None = None, progress
         callbacks=callbacks,
     )
     recorder.trainer = trainer
+    if not task.loss_over_step_tokens:
+        # Heads whose loss is a per-batch mean accept **kwargs, so the Trainer would take them for losses that
+        # normalise over num_items_in_batch and skip dividing by the accumulation steps (gradients too large).
+        trainer.model_accepts_loss_kwargs = False
     trainer.remove_callback(PrinterCallback)  # it prints the final log dict; RunRecorder reports instead
     start = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+        if not recorder.eval_log:  # resumed after the last epoch ended: nothing trained, still report the metrics
+            recorder.on_epoch_end(args, trainer.state, trainer.control)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)

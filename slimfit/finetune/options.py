@@ -104,6 +104,8 @@ def check_config(config: FinetuneConfig) -> None:
         value = getattr(config, name)
         if value is not None and value < 1:
             raise DataError(f"--{name.replace('_', '-')}: {value} must be at least 1")
+    if not 0.0 <= config.warmup_fraction < 1.0:
+        raise DataError(f"warmup_fraction: {config.warmup_fraction} is outside [0, 1) (a share of the optimizer steps)")
     for name in ("lr", "lora_lr", "slimfit_lr"):
         value = getattr(config, name)
         if value is not None and not value > 0:  # NaN fails too

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from slimfit.data import is_regression, read_labels
 from slimfit.finetune.options import FinetuneConfig
-from slimfit.tasks.base import Task
+from slimfit.tasks.base import Task, quiet_transformers
 
 __all__ = ["Task", "infer_task", "prepare"]
 
@@ -60,7 +60,8 @@ def prepare(config: FinetuneConfig) -> tuple[FinetuneConfig, Task]:
     """The prepared task, and the config with what was chosen for it filled in: the task (inferred when not
     given) and the tokens per example (the task's default, capped at what the model takes, when not given)."""
     config = dataclasses.replace(config, task=infer_task(config))
-    task = importlib.import_module(_MODULES[config.task]).prepare(config)
+    with quiet_transformers():
+        task = importlib.import_module(_MODULES[config.task]).prepare(config)
     return dataclasses.replace(config, max_length=task.max_length), task
 
 

@@ -11,8 +11,9 @@ Each task module exposes ``prepare(config) -> Task``; problems with the input ra
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -59,6 +60,9 @@ class Task(ABC):
     lora_task_type: ClassVar[str | None] = None
     #: Names of the freshly initialised head modules (trained in full under LoRA).
     head_modules: ClassVar[tuple[str, ...]] = ()
+    #: Whether the model's loss is normalised over the tokens of the whole optimizer step (the Trainer's
+    #: ``num_items_in_batch``, as causal LMs do); otherwise the Trainer averages the micro-batch losses.
+    loss_over_step_tokens: ClassVar[bool] = False
 
     @abstractmethod
     def build_model(self) -> nn.Module:
@@ -131,9 +135,18 @@ def resolve_max_length(config: Any, model_config: Any, tokenizer: Any, model_pat
     return config.max_length
 
 
-def quiet_transformers() -> None:
-    """The load report ("classifier.weight MISSING ...") and weight-loading bars would bury the progress bar."""
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Only transformers' errors inside: its load reports ("classifier.weight MISSING ..."), fallback notices and
+    weight-loading bars would bury the run's output. The previous verbosity is restored after."""
     from transformers.utils import logging
 
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()

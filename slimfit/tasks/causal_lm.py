@@ -42,7 +42,7 @@ from torch import nn
 
 from slimfit.data import DataError
 from slimfit.finetune.options import FinetuneConfig
-from slimfit.tasks.base import Task, first_line, quiet_transformers, require_model_folder, resolve_max_length
+from slimfit.tasks.base import Task, first_line, require_model_folder, resolve_max_length
 
 IGNORE_INDEX = -100
 """The label of tokens that are not predicted (prompt, padding): transformers' and torch's ``ignore_index``."""
@@ -64,6 +64,7 @@ class CausalLMTask(Task):
     lora_task_type: ClassVar[str | None] = "CAUSAL_LM"
     # The pretrained head: no adapter on it, and under peft's CAUSAL_LM type it stays frozen.
     head_modules: ClassVar[tuple[str, ...]] = ("lm_head",)
+    loss_over_step_tokens = True
 
     instruction: bool = False
     blocks: dict[str, int] = field(default_factory=dict)
@@ -305,7 +306,6 @@ def prepare(config: FinetuneConfig) -> CausalLMTask:
 
 def _load_model_files(model_path: Path) -> tuple[Any, Any]:
     """The config and tokenizer of a causal LM (pad token: EOS when it has none), or a DataError saying why not."""
-    quiet_transformers()
     from transformers import AutoConfig, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 

@@ -11,8 +11,7 @@ converted to RGB and run through the model's image processor in ``__getitem__``,
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,7 +22,7 @@ from PIL import Image, ImageOps
 from torch import nn
 
 from slimfit.data import DataError
-from slimfit.tasks.base import Task, first_line, require_model_folder
+from slimfit.tasks.base import Task, first_line, quiet_transformers, require_model_folder
 
 # Formats every Pillow build reads (WebP needs libwebp, which Pillow's wheels include); others are refused by name so
 # that a typo or an unsupported format (HEIC, SVG, RAW) is not silently skipped.
@@ -120,22 +119,6 @@ class ImageClassificationTask(Task):
     def describe(self) -> str:
         classes = len(self.label_names or [])
         return f"{self.examples.get('train', 0)} train / {self.examples.get('eval', 0)} eval images, {classes} classes"
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Only transformers' errors while loading: its fallback notices and load reports would bury the run's output."""
-    from transformers.utils import logging
-
-    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
 
 
 def prepare(config: Any) -> ImageClassificationTask:

@@ -35,7 +35,6 @@ from slimfit.tasks.base import (
     Task,
     default_model_path,
     first_line,
-    quiet_transformers,
     require_model_folder,
     resolve_max_length,
 )
@@ -407,7 +406,6 @@ def prepare(config: FinetuneConfig) -> QuestionAnsweringTask:
     else:
         train, evaluation = split_examples(examples, config.eval_fraction, config.seed)
 
-    quiet_transformers()
     from transformers import AutoConfig, AutoTokenizer, DataCollatorWithPadding
     from transformers.models.auto.modeling_auto import MODEL_FOR_QUESTION_ANSWERING_MAPPING
 

@@ -28,7 +28,6 @@ from slimfit.tasks.base import (
     Task,
     default_model_path,
     first_line,
-    quiet_transformers,
     require_model_folder,
     resolve_max_length,
 )
@@ -116,7 +115,6 @@ def prepare(config: FinetuneConfig) -> TextClassificationTask | TextRegressionTa
     else:
         train, evaluation = stratified_split(data, config.eval_fraction, config.seed)
 
-    quiet_transformers()
     from transformers import AutoConfig, AutoTokenizer, DataCollatorWithPadding
 
     try:
