@@ -24,8 +24,7 @@ from tiny_bert import bypass_attention_registry, save_tiny_bert, texts, write_cs
 from slimfit import cli  # noqa: E402
 from slimfit.data import DataError, load_dataset, stratified_split  # noqa: E402
 from slimfit.finetune.options import FinetuneConfig  # noqa: E402
-from slimfit.tasks.base import default_model_path  # noqa: E402
-from slimfit.tasks.text import classification_metrics  # noqa: E402
+from slimfit.tasks.base import classification_metrics, default_model_path  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -232,10 +231,11 @@ def load_dataset_from_rows(rows):
 def test_classification_metrics_by_hand():
     labels = np.array([0, 0, 1, 1, 2])
     predictions = np.array([0, 1, 1, 1, 0])
-    scores = classification_metrics(predictions, labels)
+    scores = classification_metrics(np.eye(4)[predictions], labels, num_classes=4)
     assert scores["accuracy"] == pytest.approx(3 / 5)
-    # F1: class 0 = 2*1/(2+2) = 0.5, class 1 = 2*2/(3+2) = 0.8, class 2 = 0.
-    assert scores["f1"] == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+    # F1: class 0 = 2*1/(2+2) = 0.5, class 1 = 2*2/(3+2) = 0.8, class 2 = 0, and class 3 (in neither labels nor
+    # predictions) = 0: every class of the task counts, as in the image task.
+    assert scores["f1"] == pytest.approx((0.5 + 0.8 + 0.0 + 0.0) / 4)
 
 
 def slimfit_command(*argv: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:

@@ -193,3 +193,20 @@ def test_torchrun_two_processes_report_once(assets, tmp_path):
     assert process.stdout.count("task classification, model") == 1
     assert process.stdout.count("wrote metrics.json") == 1
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 3
+
+
+def test_decoder_model_classifies_with_eos_as_padding(assets, tmp_path):
+    """GPT-2-style models have no pad token: the text task pads with EOS and tells the head (a batch of texts of
+    different lengths would otherwise fail in the collator or the head)."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, PreTrainedTokenizerFast
+    from transformers.models.bert import BertTokenizerFast
+
+    folder = tmp_path / "gpt2"
+    bert = BertTokenizerFast.from_pretrained(assets["bert"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bert.backend_tokenizer, eos_token="[SEP]", unk_token="[UNK]")
+    tokenizer.save_pretrained(folder)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    GPT2ForSequenceClassification(config).save_pretrained(folder)
+    data = ["--data", str(assets["pairs"]), "--text-column", "first", "--label-column", "y"]
+    metrics = run(["finetune", "--model", str(folder), *data, "--max-length", "16"], tmp_path / "run")
+    assert metrics["task"] == "classification" and 0.0 <= metrics["accuracy"] <= 1.0

@@ -161,7 +161,7 @@ def test_prepare_needs_data():
         qa.prepare(qa_config(None))
 
 
-def test_eval_fraction_split_is_seeded_and_by_question(tmp_path, model_dir):
+def test_eval_fraction_split_is_seeded_and_by_context(tmp_path, model_dir):
     path = write_jsonl(tmp_path / "d.jsonl", RECORDS)
     from slimfit import tasks
 
@@ -169,8 +169,12 @@ def test_eval_fraction_split_is_seeded_and_by_question(tmp_path, model_dir):
     config, first = tasks.prepare(dataclasses.replace(qa_config(str(path), model=str(model_dir), seed=3), task=None))
     assert config.task == "question-answering" and isinstance(first, qa.QuestionAnsweringTask)
     again = qa.prepare(qa_config(str(path), model=str(model_dir), seed=3))
-    assert first.examples == {"train": 3, "eval": 1}
+    assert first.examples["train"] + first.examples["eval"] == 4 and first.examples["eval"] >= 1
     assert first.eval_examples == again.eval_examples
+    # q1 and q2 ask about the same paragraph: they are never split apart, for any seed.
+    for seed in range(8):
+        train, evaluation = qa.split_examples(qa.load_examples(path, "--data"), 0.25, seed)
+        assert {e.context for e in train}.isdisjoint(e.context for e in evaluation)
     assert not first.allow_null
     assert set(first.eval_dataset[0]) == {
         "input_ids",

@@ -150,3 +150,15 @@ def quiet_transformers() -> Iterator[None]:
         logging.set_verbosity(verbosity)
         if bars:
             logging.enable_progress_bar()
+
+
+def classification_metrics(logits: Any, label_ids: Any, num_classes: int) -> dict[str, float]:
+    """Accuracy and macro-F1 from logits ``[N, classes]`` (or a tuple whose first item they are: models with
+    several outputs put the logits first). Every class counts in the macro mean, one absent from both labels and
+    predictions as F1 0, so an eval set that lacks a class does not inflate the score."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    predicted = np.asarray(logits[0] if isinstance(logits, tuple) else logits).argmax(axis=-1)
+    labels = np.asarray(label_ids)
+    f1 = f1_score(labels, predicted, labels=range(num_classes), average="macro", zero_division=0.0)
+    return {"accuracy": float(accuracy_score(labels, predicted)), "f1": float(f1)}

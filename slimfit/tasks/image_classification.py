@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 from torch import nn
 
 from slimfit.data import DataError
-from slimfit.tasks.base import Task, first_line, quiet_transformers, require_model_folder
+from slimfit.tasks.base import Task, classification_metrics, first_line, quiet_transformers, require_model_folder
 
 # Formats every Pillow build reads (WebP needs libwebp, which Pillow's wheels include); others are refused by name so
 # that a typo or an unsupported format (HEIC, SVG, RAW) is not silently skipped.
@@ -104,17 +104,8 @@ class ImageClassificationTask(Task):
             )
 
     def compute_metrics(self, predictions: np.ndarray | tuple[np.ndarray, ...], label_ids: Any) -> dict[str, float]:
-        from sklearn.metrics import accuracy_score, f1_score
-
-        # Models with several outputs (DeiT with teacher: averaged, class-token and distillation logits) put the
-        # logits first.
-        logits = predictions[0] if isinstance(predictions, tuple) else predictions
-        predicted = np.asarray(logits).argmax(axis=-1)
-        labels = np.asarray(label_ids)
-        # Every class counts in the macro mean, one absent from both labels and predictions as F1 0 (like the text
-        # task), so scores of eval sets lacking a class are not inflated.
-        f1 = f1_score(labels, predicted, labels=range(len(self.label_names or [])), average="macro", zero_division=0)
-        return {"accuracy": float(accuracy_score(labels, predicted)), "f1": float(f1)}
+        # DeiT with a teacher returns averaged, class-token and distillation logits; the first are the prediction.
+        return classification_metrics(predictions, label_ids, len(self.label_names or []))
 
     def describe(self) -> str:
         classes = len(self.label_names or [])

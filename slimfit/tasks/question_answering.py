@@ -157,14 +157,20 @@ def _read_jsonl(text: str, path: Path) -> list[QAExample]:
 
 
 def split_examples(examples: list[QAExample], fraction: float, seed: int) -> tuple[list[QAExample], list[QAExample]]:
-    """A seeded random split by question into (train, eval); each part keeps the file's order."""
-    from sklearn.model_selection import train_test_split
+    """A seeded random split into (train, eval) by context: questions on one paragraph stay on one side, so the
+    evaluation never asks about a passage the model was trained on (SQuAD has about five questions per paragraph).
+    ``fraction`` is the share of contexts held out; each part keeps the file's order."""
+    from sklearn.model_selection import GroupShuffleSplit
 
+    contexts = {context: i for i, context in enumerate(dict.fromkeys(e.context for e in examples))}
+    groups = [contexts[e.context] for e in examples]
     try:
-        train, evaluation = train_test_split(np.arange(len(examples)), test_size=fraction, random_state=seed)
+        splitter = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+        train, evaluation = next(splitter.split(np.arange(len(examples)), groups=groups))
     except ValueError as error:
         raise DataError(
-            f"--eval-fraction: {fraction} cannot split {len(examples)} questions ({first_line(error)})"
+            f"--eval-fraction: {fraction} cannot split the {len(contexts)} contexts of {len(examples)} questions "
+            f"({first_line(error)})"
         ) from error
     return [examples[i] for i in sorted(train)], [examples[i] for i in sorted(evaluation)]
 

@@ -26,6 +26,7 @@ from slimfit.data import (
 from slimfit.finetune.options import BUNDLED_MODEL, FinetuneConfig
 from slimfit.tasks.base import (
     Task,
+    classification_metrics,
     default_model_path,
     first_line,
     require_model_folder,
@@ -48,10 +49,11 @@ class TextClassificationTask(Task):
             num_labels=len(names),
             id2label=dict(enumerate(names)),
             label2id={name: i for i, name in enumerate(names)},
+            pad_token_id=self.processor.pad_token_id,
         )
 
     def compute_metrics(self, predictions: Any, label_ids: Any) -> dict[str, float]:
-        return classification_metrics(np.argmax(_logits(predictions), axis=-1), np.asarray(label_ids))
+        return classification_metrics(predictions, label_ids, len(self.label_names or []))
 
 
 @dataclass
@@ -64,21 +66,11 @@ class TextRegressionTask(Task):
         from transformers import AutoModelForSequenceClassification
 
         return AutoModelForSequenceClassification.from_pretrained(
-            self.model_path, num_labels=1, problem_type="regression"
+            self.model_path, num_labels=1, problem_type="regression", pad_token_id=self.processor.pad_token_id
         )
 
     def compute_metrics(self, predictions: Any, label_ids: Any) -> dict[str, float]:
         return regression_metrics(_logits(predictions).reshape(-1), np.asarray(label_ids, dtype=np.float64))
-
-
-def classification_metrics(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Accuracy and macro-F1 (the mean of per-class F1 over the classes present in labels or predictions)."""
-    from sklearn.metrics import accuracy_score, f1_score
-
-    return {
-        "accuracy": float(accuracy_score(labels, predictions)),
-        "f1": float(f1_score(labels, predictions, average="macro", zero_division=0.0)),
-    }
 
 
 def regression_metrics(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -127,6 +119,12 @@ def prepare(config: FinetuneConfig) -> TextClassificationTask | TextRegressionTa
         raise DataError(f"--model: cannot load a tokenizer from {model_path}: {first_line(error)}") from error
     check_model(config, model_config, tokenizer, model_path, train.label_names)
     tokens = resolve_max_length(config, model_config, tokenizer, model_path)
+    if tokenizer.pad_token is None:
+        # Decoder models (GPT-2, Llama) come without one; batches need padding and their classification heads
+        # find each text's last token by the pad id. EOS is the usual stand-in.
+        if tokenizer.eos_token is None:
+            raise DataError(f"--model: the tokenizer of {model_path} has neither a pad nor an EOS token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
 
     def encode(split: TextDataset) -> list[dict[str, Any]]:
         # Pairs: truncate the longer text first, as GLUE fine-tuning does.
