@@ -209,7 +209,8 @@ def _add_training_options(parser: argparse.ArgumentParser, with_checkpoints: boo
         "--eval-fraction",
         type=float,
         default=default("eval_fraction"),
-        help="share of --data held out for evaluation (stratified by class), fixed by --seed (default: %(default)s)",
+        help="share of --data held out for evaluation, fixed by --seed: per class for classification, by paragraph for "
+        "question answering, by text for causal-lm (default: %(default)s)",
     )
     lengths = ", ".join(f"{length} for {task}" for task, length in DEFAULT_MAX_LENGTH.items())
     data.add_argument(
