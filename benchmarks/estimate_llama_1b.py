@@ -1,0 +1,513 @@
+"""Estimated peak training memory of a Llama-3.2-1B-class model, full fine-tuning vs SlimFit, by category.
+
+Model: Llama-3.2-1B's configuration (hidden 2048, intermediate 8192, 16 layers, 32 query / 8 key-value heads of
+dimension 64, vocabulary 128,256, tied input/output embeddings, RMSNorm eps 1e-5, llama3 rotary scaling, no
+biases), random weights, bf16 throughout, batch 1 x 2048 tokens with labels, AdamW.
+
+Nothing here is guessed from formulas except what is exact by construction:
+
+- weights, gradients and AdamW state are counted from the parameters of the 16-layer model built on the meta
+  device (exact counts; bf16 weights and gradients, two fp32 moments per trainable parameter);
+- saved activations are *measured* (:class:`slimfit.memory.SavedTensorMeter`, as in ``bench_memory.py``) on the
+  same model with 1, 2 and 3 decoder layers and the full vocabulary, and scaled:
+  full fine-tuning: ``saved(L, T) = fixed(T) + L * block(T)`` with ``block = saved(2, T) - saved(1, T)``, both affine
+  in the token count T from T = 256 and 512; checked against direct measurements at 3 layers x 512 tokens and at
+  1 and 2 layers x 2048 tokens.
+  SlimFit (default ``CompressionPolicy``, 90% of the layers frozen): what a decoder block keeps depends on which of
+  its 9 layers train and on whether its input needs a gradient (some layer below it trains), and what the
+  embedding / final norm / chunked LM head and loss keep depends on whether the embedding, the final norm and the
+  final hidden state need one. Each such state is measured once (per-block bytes attributed with forward hooks
+  on the decoder layers, at 256 and 512 tokens), so the saved bytes of any trainable set of the 16-layer model are
+  a sum of measured terms. Trainable sets are SlimFit's own: ``K = round(0.1 * N)`` of the ``N`` layers of
+  ``slimfit.layers.split_parameters``, drawn as the warm-up steps of ``InterLayerScheduler`` over many seeds.
+  The sum is checked against direct measurements of random sets on 2 layers x 2048 and 3 layers x 512 tokens.
+
+Usage: python benchmarks/estimate_llama_1b.py [--out benchmarks/results/estimate-llama-1b-DATE.md] [--seeds 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import platform
+import time
+import warnings
+
+import torch
+import transformers
+
+import slimfit
+from slimfit.layers import split_parameters
+from slimfit.memory import SavedTensorMeter
+from slimfit.models import patch
+from slimfit.policy import CompressionPolicy
+from slimfit.scheduler import InterLayerScheduler
+
+GiB = 2**30
+MiB = 2**20
+FREEZE_RATIO = 0.9
+LAYERS = 16
+TOKENS = 2048
+FIT_TOKENS = (256, 512)
+PREFIX = "model.layers."
+EMBED, NORM = "model.embed_tokens.weight", "model.norm.weight"
+QK = ("q_proj", "k_proj")
+MLP = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+
+# meta-llama/Llama-3.2-1B config.json (the values that shape the model; the rest are transformers' defaults).
+LLAMA_3_2_1B = dict(
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    hidden_act="silu",
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    attention_bias=False,
+    mlp_bias=False,
+    bos_token_id=128000,
+    eos_token_id=128001,
+    rope_parameters=dict(
+        rope_type="llama3",
+        rope_theta=500000.0,
+        factor=32.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    ),
+)
+
+
+def config(layers: int) -> transformers.LlamaConfig:
+    return transformers.LlamaConfig(num_hidden_layers=layers, **LLAMA_3_2_1B)
+
+
+def build(layers: int) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config(layers)).to(torch.bfloat16).train()
+    assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
+    return model
+
+
+def tokens(n: int) -> torch.Tensor:
+    return torch.randint(0, LLAMA_3_2_1B["vocab_size"], (1, n), generator=torch.Generator().manual_seed(n))
+
+
+# ---------------------------------------------------------------- trainable sets ("plans")
+
+
+class Plan(tuple):
+    """A trainable set in a model-size-independent form: (embedding trains, final norm trains, per-block sets)."""
+
+    def __new__(cls, embed: bool, norm: bool, blocks: tuple[frozenset[str], ...]):
+        return super().__new__(cls, (bool(embed), bool(norm), tuple(frozenset(b) for b in blocks)))
+
+    embed = property(lambda self: self[0])
+    norm = property(lambda self: self[1])
+    blocks = property(lambda self: self[2])
+
+    @classmethod
+    def from_names(cls, names: set[str], layers: int) -> Plan:
+        blocks = [set() for _ in range(layers)]
+        for name in names:
+            if name.startswith(PREFIX):
+                index, local = name[len(PREFIX) :].split(".", 1)
+                blocks[int(index)].add(local)
+            elif name not in (EMBED, NORM):
+                raise ValueError(f"unexpected layer {name!r}")
+        return cls(EMBED in names, NORM in names, tuple(blocks))
+
+    def names(self) -> set[str]:
+        out = {f"{PREFIX}{i}.{local}" for i, block in enumerate(self.blocks) for local in block}
+        return out | ({EMBED} if self.embed else set()) | ({NORM} if self.norm else set())
+
+    def states(self) -> tuple[list[tuple[bool, frozenset[str]]], tuple[bool, bool, bool]]:
+        """Per block (input needs a gradient, its trainable layers), and (embedding, final norm, final hidden
+        state needs a gradient) for the part outside the blocks."""
+        grad, blocks = self.embed, []
+        for block in self.blocks:
+            blocks.append((grad, block))
+            grad = grad or bool(block)
+        return blocks, (self.embed, self.norm, grad)
+
+
+def apply(model: torch.nn.Module, plan: Plan | None) -> None:
+    """Make exactly ``plan``'s layers trainable (``None``: every parameter, i.e. full fine-tuning)."""
+    names = None if plan is None else plan.names()
+    for name, p in model.named_parameters():
+        p.requires_grad_(names is None or name in names)
+
+
+def scheduler_draws(layer_names: list[str], seeds: int) -> list[set[str]]:
+    """The trainable sets of SlimFit's warm-up steps (the full chunks of ``K`` of each seed's warm-up order)."""
+    n = len(layer_names)
+    k = max(1, round((1 - FREEZE_RATIO) * n))
+    sets = []
+    for seed in range(seeds):
+        order = InterLayerScheduler(n, k, torch.Generator().manual_seed(seed)).warmup_order.tolist()
+        sets += [{layer_names[i] for i in order[j : j + k]} for j in range(0, n - k + 1, k)]
+    return sets
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def measure(model, n: int, labels: bool = True, input_grad: bool = False) -> dict:
+    """Saved-for-backward bytes after one forward of ``n`` tokens (``total``) and each decoder block's share.
+
+    A block's share is what the graph gained between entering and leaving it (a storage counts once, in the block
+    that saved it first). The rotary cos / sin tables are computed once per forward and kept by every block whose
+    queries or keys need a gradient (``rope_users``); ``shares`` leave them out (``rope_bytes``), so that they are
+    counted once per model. ``labels=False`` runs the decoder stack alone (``model.model``); ``input_grad`` then
+    makes the embedding output require grad, as if a layer below had trained.
+    """
+    ids = tokens(n)
+    blocks = model.model.layers
+    marks: list[int] = []
+    rope: list[torch.Tensor] = []
+    users = [False] * len(blocks)
+    meter = SavedTensorMeter(model)
+
+    def uses_rope(i: int):
+        def hook(module, args, out):
+            users[i] = users[i] or out.requires_grad
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(lambda *_: marks.append(meter.live_bytes)) for m in blocks]
+    hooks += [m.register_forward_hook(lambda *_: marks.append(meter.live_bytes)) for m in blocks]
+    hooks += [getattr(m.self_attn, p).register_forward_hook(uses_rope(i)) for i, m in enumerate(blocks) for p in QK]
+    hooks.append(model.model.rotary_emb.register_forward_hook(lambda m, i, o: rope.extend(o)))
+    if input_grad:
+        hooks.append(model.model.embed_tokens.register_forward_hook(lambda m, i, o: o.detach().requires_grad_()))
+    torch.manual_seed(0)
+    try:
+        with meter:
+            out = model(input_ids=ids, labels=ids) if labels else model.model(input_ids=ids)
+        total = meter.live_bytes
+    finally:
+        for h in hooks:
+            h.remove()
+    del out
+    rope_bytes = sum(t.untyped_storage().nbytes() for t in rope)
+    first = users.index(True) if any(users) else None
+    shares = [marks[2 * i + 1] - marks[2 * i] - (rope_bytes if i == first else 0) for i in range(len(blocks))]
+    return dict(total=total, shares=shares, rope_users=users, rope_bytes=rope_bytes)
+
+
+def affine(values: dict[int, float]) -> tuple[float, float]:
+    """(fixed, per token) through the measurements at FIT_TOKENS."""
+    (t1, v1), (t2, v2) = sorted(values.items())
+    slope = (v2 - v1) / (t2 - t1)
+    return v1 - slope * t1, slope
+
+
+def at(fit: tuple[float, float], n: int) -> float:
+    return fit[0] + fit[1] * n
+
+
+class SlimFitTables:
+    """Measured bytes of each block state and each outside-the-blocks state, affine in tokens."""
+
+    def __init__(self, model) -> None:
+        self.model = model  # 1 decoder layer, patched
+        self.block: dict[tuple[bool, frozenset[str]], tuple[tuple[float, float], bool]] = {}
+        self.outside: dict[tuple[bool, bool, bool], tuple[float, float]] = {}
+        self.rope = {}  # tokens -> bytes of the rotary cos / sin tables
+
+    def block_fit(self, state: tuple[bool, frozenset[str]]) -> tuple[tuple[float, float], bool]:
+        """(affine fit of the block's share, whether it keeps the rotary tables)."""
+        if state not in self.block:
+            input_grad, trainable = state
+            apply(self.model, Plan(False, False, (trainable,)))
+            runs = {n: measure(self.model, n, labels=False, input_grad=input_grad) for n in FIT_TOKENS}
+            self.rope.update({n: r["rope_bytes"] for n, r in runs.items()})
+            self.block[state] = (
+                affine({n: r["shares"][0] for n, r in runs.items()}),
+                runs[FIT_TOKENS[0]]["rope_users"][0],
+            )
+        return self.block[state]
+
+    def outside_fit(self, state: tuple[bool, bool, bool]) -> tuple[float, float]:
+        if state not in self.outside:
+            embed, norm, hidden_grad = state
+            # A 1-layer model whose block trains one layer when only that can make the final hidden state need
+            # a gradient; the block's share (hooks) and the rotary tables are subtracted.
+            block = {"self_attn.o_proj.weight"} if hidden_grad and not embed else set()
+            apply(self.model, Plan(embed, norm, (frozenset(block),)))
+            values = {}
+            for n in FIT_TOKENS:
+                r = measure(self.model, n)
+                values[n] = r["total"] - r["shares"][0] - (r["rope_bytes"] if r["rope_users"][0] else 0)
+            self.outside[state] = affine(values)
+        return self.outside[state]
+
+    def predict(self, plan: Plan, n: int) -> float:
+        blocks, outside = plan.states()
+        fits = [self.block_fit(s) for s in blocks]
+        rope = affine(self.rope) if any(uses for _, uses in fits) else (0.0, 0.0)
+        return sum(at(fit, n) for fit, _ in fits) + at(self.outside_fit(outside), n) + at(rope, n)
+
+
+def patched(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return patch(model, CompressionPolicy())
+
+
+def small_plans(layers: int, count: int, seed: int) -> list[Plan]:
+    """Random SlimFit-sized trainable sets of a ``layers``-layer model, the last one with the embedding."""
+    with torch.device("meta"):
+        names = [layer.name for layer in split_parameters(transformers.LlamaForCausalLM(config(layers))).layers]
+    k = max(2, round((1 - FREEZE_RATIO) * len(names)))
+    g = torch.Generator().manual_seed(seed)
+    plans = []
+    for i in range(count):
+        chosen = {names[j] for j in torch.randperm(len(names), generator=g)[:k].tolist()}
+        if i == count - 1:
+            chosen = {EMBED} | set(list(sorted(chosen - {EMBED}))[: k - 1])
+        plans.append(Plan.from_names(chosen, layers))
+    return plans
+
+
+def worst_case_activations(tables: SlimFitTables, k: int, n: int) -> tuple[float, Plan]:
+    """The K largest layers (tied embedding + K - 1 of the 3 x 16 MLP matrices), the MLP matrices placed in the
+    blocks (dynamic programming over blocks) so that the saved bytes are largest."""
+    best = {}  # count of MLP matrices in a block -> (bytes, set)
+    for c in range(4):
+        options = [
+            (at(tables.block_fit((True, frozenset(s)))[0], n), frozenset(s)) for s in itertools.combinations(MLP, c)
+        ]
+        best[c] = max(options, key=lambda o: o[0])
+    # dp[j] = (bytes, per-block sets) using j matrices in the blocks so far
+    dp = {0: (0.0, ())}
+    for _ in range(LAYERS):
+        nxt = {}
+        for j, (b, sets) in dp.items():
+            for c in range(4):
+                if j + c <= k - 1 and (j + c not in nxt or nxt[j + c][0] < b + best[c][0]):
+                    nxt[j + c] = (b + best[c][0], sets + (best[c][1],))
+        dp = nxt
+    plan = Plan(True, False, dp[k - 1][1])
+    return tables.predict(plan, n), plan
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="also write the report (markdown) to this file")
+    parser.add_argument("--seeds", type=int, default=50, help="warm-up orders drawn for the expected SlimFit case")
+    args = parser.parse_args()
+    start = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - start:6.0f}s] {msg}", flush=True)
+
+    # Exact parameter counts of the 16-layer model (meta device: no memory).
+    with torch.device("meta"):
+        big = transformers.LlamaForCausalLM(config(LAYERS))
+    params = sum(p.numel() for p in big.parameters())  # tied embedding counted once
+    layer_sizes = {layer.name: layer.param.numel() for layer in split_parameters(big).layers}
+    assert sum(layer_sizes.values()) == params, "every parameter is a schedulable layer (Llama has no biases)"
+    n_layers = len(layer_sizes)
+    k = max(1, round((1 - FREEZE_RATIO) * n_layers))
+    names = list(layer_sizes)
+    del big
+    log(f"{params:,} parameters, {n_layers} schedulable layers, K = {k}")
+
+    # ---- full fine-tuning: saved(L, T) = fixed(T) + L * block(T), measured at L = 1, 2 and T = 256, 512.
+    full: dict[tuple[int, int], int] = {}
+    checks: list[tuple[str, float, int]] = []
+    tables = None
+    validation: list[tuple[str, Plan, int, int]] = []
+    for layers in (1, 2, 3):
+        model = build(layers)
+        apply(model, None)
+        for n in {1: (*FIT_TOKENS, TOKENS), 2: (*FIT_TOKENS, TOKENS), 3: (512,)}[layers]:
+            full[layers, n] = measure(model, n)["total"]
+            log(f"full fine-tuning, {layers} layer(s) x {n} tokens: {full[layers, n] / MiB:.1f} MiB saved")
+        handle = patched(model)
+        if layers == 1:
+            tables = SlimFitTables(model)
+            for plan_names in scheduler_draws(names, args.seeds):
+                tables.predict(Plan.from_names(plan_names, LAYERS), TOKENS)  # measures every state it needs
+            worst_case_activations(tables, k, TOKENS)
+            for layers_v, n_v, seed in ((2, TOKENS, 1), (3, 512, 2)):
+                for plan in small_plans(layers_v, 3, seed):
+                    tables.predict(plan, n_v)
+            log(f"SlimFit tables: {len(tables.block)} block states, {len(tables.outside)} outside states measured")
+            tables.model = None
+        else:
+            n_v = TOKENS if layers == 2 else 512
+            for plan in small_plans(layers, 3, layers - 1):
+                apply(model, plan)
+                measured = measure(model, n_v)["total"]
+                validation.append((f"SlimFit, {layers} layers x {n_v} tokens", plan, n_v, measured))
+                log(f"SlimFit check {sorted(plan.names())}: {measured / MiB:.2f} MiB measured")
+        if handle.unsupported:
+            raise RuntimeError(f"modules left uncompressed: {handle.unsupported}")
+        handle.remove()
+        del model, handle
+
+    fixed = affine({n: 2 * full[1, n] - full[2, n] for n in FIT_TOKENS})
+    block = affine({n: full[2, n] - full[1, n] for n in FIT_TOKENS})
+
+    def full_saved(layers: int, n: int) -> float:
+        return at(fixed, n) + layers * at(block, n)
+
+    for key in ((3, 512), (1, TOKENS), (2, TOKENS)):
+        checks.append((f"full fine-tuning, {key[0]} layer(s) x {key[1]} tokens", full_saved(*key), full[key]))
+    for label, plan, n, measured in validation:
+        checks.append((label, tables.predict(plan, n), measured))
+
+    # ---- SlimFit activations over the schedule's trainable sets, and the worst case.
+    draws = scheduler_draws(names, args.seeds)
+    saved = sorted(tables.predict(Plan.from_names(s, LAYERS), TOKENS) for s in draws)
+    mean_saved = sum(saved) / len(saved)
+    worst_saved, worst_plan = worst_case_activations(tables, k, TOKENS)
+    worst_params = sum(layer_sizes[n] for n in worst_plan.names())
+    expected_params = params * k / n_layers
+    draw_params = sum(sum(layer_sizes[n] for n in s) for s in draws) / len(draws)
+    log(f"{len(draws)} draws: saved {saved[0] / MiB:.0f} .. {saved[-1] / MiB:.0f} MiB, mean {mean_saved / MiB:.0f}")
+
+    def pct(q: float) -> float:
+        return saved[min(len(saved) - 1, round(q * (len(saved) - 1)))]
+
+    columns = {
+        "full fine-tuning": dict(
+            weights=2 * params,
+            gradients=2 * params,
+            adam=8 * params,
+            snapshot=0,
+            saved=full_saved(LAYERS, TOKENS),
+            host=0,
+        ),
+        "SlimFit, expected": dict(
+            weights=2 * params,
+            gradients=2 * expected_params,
+            adam=8 * expected_params,
+            snapshot=2 * expected_params,
+            saved=mean_saved,
+            host=8 * (params - expected_params),
+        ),
+        "SlimFit, worst case": dict(
+            weights=2 * params,
+            gradients=2 * worst_params,
+            adam=8 * worst_params,
+            snapshot=2 * worst_params,
+            saved=worst_saved,
+            host=8 * (params - worst_params),
+        ),
+    }
+    for c in columns.values():
+        c["total"] = c["weights"] + c["gradients"] + c["adam"] + c["snapshot"] + c["saved"]
+    rows = [
+        ("weights (bf16)", "weights"),
+        ("gradients (bf16)", "gradients"),
+        ("AdamW moments on the device (2 x fp32)", "adam"),
+        ("SlimFit's score snapshot (bf16 copy of the trainable layers)", "snapshot"),
+        ("activations saved for backward", "saved"),
+        ("**total on the device**", "total"),
+        ("AdamW moments offloaded to host memory (not in the total)", "host"),
+    ]
+    table = "| category | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n"
+    for label, key in rows:
+        cells = [f"{c[key] / GiB:.2f}" for c in columns.values()]
+        if key == "total":
+            cells = [f"**{x}**" for x in cells]
+        table += f"| {label} | " + " | ".join(cells) + " |\n"
+    full_total, slim_total = columns["full fine-tuning"]["total"], columns["SlimFit, expected"]["total"]
+    table += (
+        f"\nTotal: {full_total / slim_total:.1f}x less on the device than full fine-tuning (expected case), "
+        f"{full_total / columns['SlimFit, worst case']['total']:.1f}x in the worst case; activations "
+        f"{columns['full fine-tuning']['saved'] / mean_saved:.1f}x less.\n"
+    )
+
+    check_lines = "| case | predicted (MiB) | measured (MiB) | difference (bytes) | error |\n|---|---|---|---|---|\n"
+    for label, predicted, measured in checks:
+        check_lines += (
+            f"| {label} | {predicted / MiB:.2f} | {measured / MiB:.2f} | {predicted - measured:+.0f} "
+            f"| {(predicted / measured - 1):+.3%} |\n"
+        )
+    max_err = max(abs(p / m - 1) for _, p, m in checks)
+
+    groups: dict[str, list[str]] = {}
+    for i, b in enumerate(worst_plan.blocks):
+        if b:
+            groups.setdefault(" + ".join(x.split(".")[1] for x in sorted(b)), []).append(str(i))
+    worst_desc = "; ".join(f"{k} in blocks {', '.join(v)}" for k, v in groups.items())
+    header = (
+        f"# Llama-3.2-1B-class model: estimated peak training memory (GiB), batch 1 x {TOKENS} tokens, bf16\n\n"
+        f"{datetime.date.today()} · {platform.machine()} {platform.processor() or ''} · torch {torch.__version__} · "
+        f"transformers {transformers.__version__} · slimfit {slimfit.__version__} · "
+        f"`python benchmarks/estimate_llama_1b.py --seeds {args.seeds}`\n\n"
+        "Model: `LlamaConfig` with Llama-3.2-1B's values: hidden 2048, intermediate 8192, 16 layers, 32 query / "
+        "8 key-value heads, head dim 64, vocabulary 128,256, tied embeddings, rms_norm_eps 1e-5, "
+        "max_position_embeddings 131,072, rope llama3 (theta 500,000, factor 32), no biases; random weights, "
+        f"SDPA attention, train mode, labels given. {params:,} parameters (counted on the meta device; the tied "
+        f"embedding / LM head, {layer_sizes[EMBED]:,}, once). SlimFit: freeze ratio {FREEZE_RATIO}, "
+        f"{n_layers} schedulable layers, K = {k} train per step, default `CompressionPolicy` (chunked LM head and "
+        'loss), `optimizer_state="offload"`.\n\n'
+    )
+    how = f"""## How each number was obtained
+
+- **Weights**: 2 bytes x {params:,} parameters.
+- **Gradients**: 2 bytes per trainable parameter. Full: all. SlimFit expected: each layer trains in K/N =
+  {k}/{n_layers} of the steps (the warm-up visits every layer once; uniform over the schedule assumed
+  afterwards), so {expected_params / 1e6:.1f}M parameters in expectation (mean over the {len(draws)} measured
+  draws: {draw_params / 1e6:.1f}M). Worst case: the K largest layers, the tied embedding / LM head
+  ({layer_sizes[EMBED] / 1e6:.1f}M) and {k - 1} MLP matrices (16.8M each), {worst_params / 1e6:.1f}M parameters.
+- **AdamW moments**: 2 x fp32 = 8 bytes per trainable parameter (mixed-precision convention; `torch.optim.AdamW`
+  on bf16 parameters keeps bf16 moments, half this). SlimFit's default `optimizer_state="offload"` keeps only
+  the trainable layers' moments on the device; the frozen layers' moments sit in (pinned) host memory, listed
+  separately.
+- **Score snapshot**: SlimFit copies the trainable layers' weights before `optimizer.step()` to score their
+  update, and frees the copy in `sf.step()`.
+- **Activations**: measured bytes held for backward (`SavedTensorMeter`, every tensor autograd keeps, each
+  storage once, parameters excluded) on the same model built with 1, 2 and 3 decoder layers and the full
+  vocabulary, bf16, then scaled to {LAYERS} layers and {TOKENS} tokens.
+  Full fine-tuning (unpatched, everything trains): `saved(L, T) = fixed(T) + L x block(T)`, `block = saved(2
+  layers) - saved(1 layer)`, each affine in T through T = 256 and 512: fixed(T) = {fixed[0] / MiB:.2f} MiB +
+  {fixed[1] / 1024:.1f} KiB/token (the log-softmax of the {LLAMA_3_2_1B["vocab_size"]:,} logits in fp32 dominates),
+  block(T) = {block[0] / MiB:.2f} MiB + {block[1] / 1024:.1f} KiB/token (attention kept its output and
+  log-sum-exp, linear in T, as flash attention does on a GPU).
+  SlimFit (patched, default policy): a decoder block's bytes depend on which of its 9 layers train and on whether
+  its input needs a gradient (any layer below it trains); the embedding / final norm / chunked head part on
+  whether the embedding, the final norm and the final hidden state need one. Each of the {len(tables.block)}
+  block states and {len(tables.outside)} outside states met was measured on the 1-layer model at 256 and 512
+  tokens (a block's share attributed with forward hooks on the decoder layer; the rotary cos / sin tables, kept by
+  every block whose queries or keys need a gradient, counted once per model), so any trainable set's bytes are
+  a sum of measured terms. Expected: mean over {len(draws)} trainable sets, the warm-up steps of SlimFit's
+  `InterLayerScheduler` for seeds 0-{args.seeds - 1} (each a uniformly random {k} of the {n_layers} layers):
+  {mean_saved / MiB:.0f} MiB, spread {saved[0] / MiB:.0f} (min) / {pct(0.05) / MiB:.0f} (5%) /
+  {pct(0.5) / MiB:.0f} (median) / {pct(0.95) / MiB:.0f} (95%) / {saved[-1] / MiB:.0f} MiB (max): a block
+  keeps nothing unless a layer at or below it trains, so sets whose lowest trainable layer sits high keep less.
+  Worst case: the embedding plus
+  the {k - 1} MLP matrices placed to keep the most ({worst_desc}).
+- **Total** = the sum of the device rows. It bounds the peak from above: with `zero_grad(set_to_none=True)`
+  gradients do not exist during the forward, and activations are freed during backward as gradients appear.
+  Not included: the allocator's workspace, temporaries (the chunked head's 1,024 x 128,256 fp32 chunk of
+  logits, ~0.5 GiB, exists only inside one chunk; full fine-tuning's bf16 logits returned in `outputs.logits`,
+  {TOKENS * LLAMA_3_2_1B["vocab_size"] * 2 / GiB:.2f} GiB, and their fp32 copy while the loss is computed) and
+  CUDA context. No GPU measurement exists yet: these are CPU byte counts.
+
+## Checks of the scaling (predicted from the fits vs measured directly)
+
+Largest error: {max_err:.3%}.
+
+{check_lines}"""
+    text = header + table + "\n" + how
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
