@@ -43,7 +43,7 @@ except ImportError:  # transformers is optional
 
 IMPLEMENTATION = "slimfit"
 """The name of slimfit's attention in transformers' attention registry (``config._attn_implementation``)."""
-SUPPORTED_TRANSFORMERS = ((5, 6), (6, 0))
+SUPPORTED_TRANSFORMERS = ((5, 18), (6, 0))
 """transformers releases slimfit is tested with: from the first (inclusive) to the second (exclusive)."""
 
 
