@@ -253,3 +253,24 @@ def test_torch_and_unnamed_rms_norms_in_a_plain_model(one_thread):
             else:
                 assert torch.nn.functional.cosine_similarity(g.flatten(), r.flatten(), dim=0) >= 0.999
     assert saved * 2 < ref_saved
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_torch_compile_traces_the_decoder_functions(family, one_thread):
+    """RMSNorm, the gated product, Conv1D and the chunked head trace under torch.compile (aot_eager runs the custom
+    ops through their fake kernels): loss and every gradient as in eager."""
+    model = _build(family)
+    model.train()
+    _freeze_half(model)
+    handle = _patch(model, CompressionPolicy())
+    ids = _ids()
+    eager_loss, eager_grads, _ = _step(model, ids)
+    compiled = torch.compile(model, backend="aot_eager")
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    loss = compiled(input_ids=ids, labels=ids).loss
+    loss.backward()
+    handle.remove()
+    torch.testing.assert_close(loss.detach(), eager_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -451,3 +451,12 @@ def test_trainer_with_slimfit_callback(tmp_path, monkeypatch):
     assert len(backward_calls) == 16  # every micro-batch's loss went through the chunked head
     assert all(needs_hidden for needs_hidden, _ in backward_calls)
     assert "forward" not in vars(model)  # SlimFit removed at the end of training
+
+
+def test_causal_lm_left_with_its_full_logits_is_named():
+    """A causal LM the chunked head does not cover (Granite scales its logits) is named in the one warning."""
+    model = transformers.GraniteForCausalLM(transformers.GraniteConfig(**SMALL))
+    with pytest.warns(UserWarning, match=r"lm_head \(GraniteForCausalLM: keeps the full logits, model type 'granite'"):
+        handle = patch(model, CompressionPolicy())
+    assert any(entry.startswith("lm_head (GraniteForCausalLM") for entry in handle.unsupported)
+    handle.remove()

@@ -116,7 +116,9 @@ def patch(model: nn.Module, policy: CompressionPolicy | None) -> PatchHandle:
     if already:
         raise ValueError(f"model is already patched (e.g. module {already[0]!r}); call remove() on its handle first")
     handle._route = hf.route_attention(model, policy.attention)
-    handle._lm_head = hf.route_lm_head(model, policy)
+    handle._lm_head, unchunked = hf.route_lm_head(model, policy)
+    if unchunked is not None:
+        handle._static_unsupported.append(unchunked)
 
     hf_acts = hf.activation_classes()
     for name, m in model.named_modules():

@@ -290,20 +290,27 @@ def _put_back(obj: object, name: str, value: object) -> None:
         obj.__dict__[name] = value
 
 
-def route_lm_head(model: nn.Module, policy: CompressionPolicy) -> LMHeadRoute | None:
+def route_lm_head(model: nn.Module, policy: CompressionPolicy) -> tuple[LMHeadRoute | None, str | None]:
     """Chunk the head and loss of ``model`` in training (:class:`LMHeadRoute`) if it is a causal LM of
     :data:`CHUNKED_LM_HEAD_TYPES` with a linear head and transformers' default causal-LM loss, and the policy's
-    ``lm_head_chunk`` is set; else None (nothing changes)."""
+    ``lm_head_chunk`` is set. Returns the route (or None: nothing changes) and, for a causal LM left with its full
+    logits, ``"name (ClassName: why)"`` for the warning of modules left uncompressed."""
     if hf_activations is None or policy.lm_head_chunk is None or not isinstance(model, PreTrainedModel):
-        return None
+        return None, None
     if not type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
-        return None
+        return None, None
     head = model.get_output_embeddings()
-    if model.config.model_type not in CHUNKED_LM_HEAD_TYPES or not isinstance(head, nn.Linear):
-        return None
-    if model.loss_function is not LOSS_MAPPING["ForCausalLM"]:
-        return None
-    return LMHeadRoute(model, head, policy.lm_head_chunk, policy.linear_input)
+    reason = None
+    if model.config.model_type not in CHUNKED_LM_HEAD_TYPES:
+        reason = f"model type {model.config.model_type!r} is not among those whose loss the chunked head matches"
+    elif not isinstance(head, nn.Linear):
+        reason = "its output embedding is not an nn.Linear"
+    elif model.loss_function is not LOSS_MAPPING["ForCausalLM"]:
+        reason = "it uses its own loss function"
+    if reason is not None:
+        name = next((n for n, m in model.named_modules() if m is head), "lm_head")
+        return None, f"{name} ({type(model).__name__}: keeps the full logits, {reason})"
+    return LMHeadRoute(model, head, policy.lm_head_chunk, policy.linear_input), None
 
 
 def route_attention(model: nn.Module, setting: Quantize | None) -> AttentionRoute | None:
