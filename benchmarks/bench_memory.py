@@ -53,7 +53,8 @@ def _model(name: str) -> tuple[torch.nn.Module, callable]:
 
 
 def _family(name: str) -> tuple[torch.nn.Module, dict]:
-    """A base-size model of a family (random init) and a batch of 8 (128 tokens, or 224 px images)."""
+    """A base-size model of a family (random init) and a batch of 8 (128 tokens, 384 for bert-qa, or 224 px
+    images)."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(8)
     text = dict(input_ids=torch.randint(5, 30000, (8, 128), generator=g), labels=torch.arange(8) % 2)
@@ -63,6 +64,10 @@ def _family(name: str) -> tuple[torch.nn.Module, dict]:
             hidden_size=768, embedding_size=768, num_attention_heads=12, intermediate_size=3072, num_labels=2
         )
         return transformers.ElectraForSequenceClassification(cfg), text
+    if name == "bert-qa":  # SQuAD's setting: question answering over 384-token windows
+        positions = torch.randint(0, 384, (2, 8), generator=g).sort(dim=0).values
+        qa = dict(input_ids=torch.randint(5, 30000, (8, 384), generator=g), start_positions=positions[0])
+        return transformers.BertForQuestionAnswering(transformers.BertConfig()), {**qa, "end_positions": positions[1]}
     classes = {
         "bert": ("BertForSequenceClassification", "BertConfig", text),
         "roberta": ("RobertaForSequenceClassification", "RobertaConfig", text),
@@ -280,7 +285,7 @@ def main() -> None:
         "--families",
         nargs="*",
         default=[],
-        choices=["bert", "roberta", "distilbert", "electra", "vit", "deit"],
+        choices=["bert", "roberta", "distilbert", "electra", "vit", "deit", "bert-qa"],
         help="also tabulate saved bytes at batch 8 for these base-size families (patch + random freeze)",
     )
     parser.add_argument(
