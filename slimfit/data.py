@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -251,10 +251,9 @@ def _read_csv(path: Path, columns: Sequence[tuple[str, str]]) -> list[list[str]]
     return values
 
 
-def _read_jsonl(path: Path, columns: Sequence[tuple[str, str]]) -> list[list[str]]:
-    """As :func:`_read_csv`, one JSON object per line."""
-    label_column = columns[-1][0]
-    values: list[list[str]] = [[] for _ in columns]
+def jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file; a line that is not a JSON object is a
+    DataError naming the file and the line."""
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -265,13 +264,21 @@ def _read_jsonl(path: Path, columns: Sequence[tuple[str, str]]) -> list[list[str
                 raise DataError(f"{path}: line {number} is not valid JSON ({error.msg})") from error
             if not isinstance(record, dict):
                 raise DataError(f"{path}: line {number} is not a JSON object")
-            for column, option in columns:
-                if column not in record:
-                    raise _missing_column(path, column, option, list(record))
-            label = record[label_column]
-            if label is None or isinstance(label, (dict, list)) or str(label).strip() == "":
-                raise DataError(f"{path}: line {number} has no usable value in label column {label_column!r}")
-            for found, (column, _) in zip(values[:-1], columns[:-1], strict=True):
-                found.append(str(record[column] or ""))
-            values[-1].append(str(label).strip())
+            yield number, record
+
+
+def _read_jsonl(path: Path, columns: Sequence[tuple[str, str]]) -> list[list[str]]:
+    """As :func:`_read_csv`, one JSON object per line."""
+    label_column = columns[-1][0]
+    values: list[list[str]] = [[] for _ in columns]
+    for number, record in jsonl_records(path):
+        for column, option in columns:
+            if column not in record:
+                raise _missing_column(path, column, option, list(record))
+        label = record[label_column]
+        if label is None or isinstance(label, (dict, list)) or str(label).strip() == "":
+            raise DataError(f"{path}: line {number} has no usable value in label column {label_column!r}")
+        for found, (column, _) in zip(values[:-1], columns[:-1], strict=True):
+            found.append(str(record[column] or ""))
+        values[-1].append(str(label).strip())
     return values

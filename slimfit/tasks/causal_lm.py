@@ -29,7 +29,6 @@ short batches more).
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimfit.data import DataError
+from slimfit.data import DataError, jsonl_records
 from slimfit.finetune.options import FinetuneConfig
 from slimfit.tasks.base import Task, first_line, require_model_folder, resolve_max_length
 
@@ -155,18 +154,7 @@ def read_table(path: Path, option: str) -> tuple[list[str], list[tuple[str, dict
             return list(reader.fieldnames or []), rows
     if suffix not in (".jsonl", ".ndjson"):
         raise DataError(f"{option}: unsupported format {suffix or path.name!r} of {path}; accepted: {_ACCEPTED}")
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}: line {number} is not valid JSON ({error.msg})") from error
-            if not isinstance(record, dict):
-                raise DataError(f"{path}: line {number} is not a JSON object")
-            records.append((f"line {number}", record))
+    records = [(f"line {number}", record) for number, record in jsonl_records(path)]
     return (list(records[0][1]) if records else []), records
 
 
