@@ -376,4 +376,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun the Trainer leaves its gloo/NCCL group open; tearing it down at interpreter exit instead
+    intermittently aborts a process (SIGABRT in the gloo threads), so it is destroyed here, in order."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
