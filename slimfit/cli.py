@@ -8,6 +8,7 @@ defaults come from slimfit.finetune.options.FinetuneConfig.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -73,9 +74,11 @@ def _quiet_libraries() -> None:
 def _finetune(args: argparse.Namespace) -> int:
     try:
         from slimfit import tasks
-        from slimfit.finetune import loop, options, report
+        from slimfit.finetune import budget, estimate, loop, options, report
     except ImportError as error:
         return _fail(f"`slimfit finetune` needs the hf extra ({error.name} is missing): pip install 'slimfit[hf]'")
+    from slimfit.data import DataError
+
     _quiet_libraries()
     config = _config(args)
     output = Path(args.output or _default_output("finetune"))
@@ -85,6 +88,16 @@ def _finetune(args: argparse.Namespace) -> int:
         _check_resume(config)
         report.refuse_existing_output(output, checkpoints_allowed=resuming)
         config, task = tasks.prepare(config)
+        # Predictions simulate a run in this process alone; under torchrun every process would train its own.
+        single = int(os.environ.get("WORLD_SIZE", "1")) == 1
+        choice = None
+        if config.memory_budget is not None:
+            if not single:
+                raise DataError("--memory-budget: predicts one process's run; launch without torchrun/accelerate")
+            choice = budget.choose(config, task, config.memory_budget)
+            print(choice.describe())
+        full = estimate.estimate(dataclasses.replace(config, method="full"), task) if single else None
+        config = choice.config if choice is not None else config
         if loop.is_main_process():
             print(
                 f"task {config.task}, model {task.model_name}, {task.describe()}; method {config.method}, "
@@ -93,12 +106,49 @@ def _finetune(args: argparse.Namespace) -> int:
         result = loop.run(config, task, output=output, progress=not args.quiet)
         if not loop.is_main_process():  # under torchrun / accelerate launch, the first process reports
             return 0
+        result = dataclasses.replace(
+            result, full_estimate=full, memory_budget=choice.as_dict() if choice is not None else None
+        )
         with report.staged_output(output, checkpoints_allowed=resuming or config.save_steps is not None) as folder:
             report.write_run(result, config, folder, task)
     except Exception as error:  # any failure, expected or not, is one line; results are written only at the end
         return _failed("finetune", error)
     print(report.render_table(result))
     print(f"wrote {', '.join(report.RESULT_FILES)} to {output}")
+    return 0
+
+
+def _size(text: str) -> int:
+    from slimfit.finetune.budget import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    try:
+        from slimfit import tasks
+        from slimfit.finetune import estimate, options, report
+    except ImportError as error:
+        return _fail(f"`slimfit estimate` needs the hf extra ({error.name} is missing): pip install 'slimfit[hf]'")
+    _quiet_libraries()
+    config = _config(args)
+    try:
+        options.check_config(config)
+        config, task = tasks.prepare(config)
+        memory = estimate.estimate(config, task)
+    except Exception as error:  # as in _finetune
+        return _failed("estimate", error)
+    if args.json:
+        print(json.dumps({"memory": memory, "config": report.config_record(config, task)}, indent=2))
+    else:
+        print(
+            f"task {config.task}, model {task.model_name}, method {config.method}, {config.batch_size} x "
+            f"{config.max_length} tokens per forward: predicted peak memory"
+        )
+        print(report.render_memory(memory))
     return 0
 
 
@@ -150,14 +200,17 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_training_options(parser: argparse.ArgumentParser, with_checkpoints: bool) -> None:
-    """Options shared by finetune and bench; defaults finish the bundled demo in a few minutes on 2 CPU cores."""
+def _add_training_options(parser: argparse.ArgumentParser, with_checkpoints: bool, with_output: bool = True) -> None:
+    """Options shared by finetune, bench and estimate; defaults finish the bundled demo in a few minutes on 2 CPU
+    cores."""
     from slimfit.finetune.options import (
+        COMPRESSION_BITS,
         DEFAULT_LR,
         DEFAULT_MAX_LENGTH,
         DEFAULT_SLIMFIT_LR,
         DEVICES,
         FALLBACK_MAX_LENGTH,
+        OPTIMIZER_STATE,
         TASKS,
         default,
     )
@@ -277,6 +330,21 @@ def _add_training_options(parser: argparse.ArgumentParser, with_checkpoints: boo
     )
     train.add_argument("--device", default=default("device"), choices=DEVICES, help="default: cuda if available")
     train.add_argument("--bf16", action="store_true", help="mixed precision: bfloat16 autocast")
+    train.add_argument(
+        "--compression-bits",
+        type=int,
+        choices=COMPRESSION_BITS,
+        default=default("compression_bits"),
+        help="slimfit: bits of each quantized activation code (default: %(default)s)",
+    )
+    train.add_argument(
+        "--optimizer-state",
+        choices=OPTIMIZER_STATE,
+        default=default("optimizer_state"),
+        help="freeze-only and slimfit: a frozen layer's optimizer state is moved to host memory (offload, on an "
+        "accelerator), kept where it is (keep) or dropped and restarted when it trains again (drop) (default: "
+        "%(default)s)",
+    )
     if with_checkpoints:
         train.add_argument(
             "--save-steps",
@@ -288,8 +356,9 @@ def _add_training_options(parser: argparse.ArgumentParser, with_checkpoints: boo
             "--resume-from-checkpoint",
             help="continue a run from one of its checkpoint folders (same options; --output may hold its checkpoints)",
         )
-    parser.add_argument("--output", help="new or empty folder for the results (default: runs/<command>-<time>)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    if with_output:
+        parser.add_argument("--output", help="new or empty folder for the results (default: runs/<command>-<time>)")
+        parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 FINETUNE_EPILOG = """\
@@ -341,7 +410,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="slimfit (default), full fine-tuning, freeze-only (ILS without compression), "
         "grad-ckpt (activation checkpointing) or lora (peft)",
     )
+    finetune.add_argument(
+        "--memory-budget",
+        type=_size,
+        help="peak memory to fit, e.g. 8GiB or 500MB (KiB/MiB/GiB: powers of 1024; KB/MB/GB: of 1000): slimfit "
+        "chooses freeze ratio (0.75-0.95), activation bits, optimizer-state placement and micro-batch (with gradient "
+        "accumulation: the examples per step stay --batch-size) from predictions (see `slimfit estimate`)",
+    )
     finetune.set_defaults(run=_finetune)
+
+    estimate = commands.add_parser(
+        "estimate",
+        help="predict a run's peak memory by category, before training",
+        description="Predict the peak memory of `slimfit finetune` with the same options, by category (weights, "
+        "gradients, optimizer state, activations, scoring), from a short simulation on this machine: one example "
+        "per micro-batch (the longest of the data), scaled to --batch-size.",
+        formatter_class=formatter,
+    )
+    _add_training_options(estimate, with_checkpoints=False, with_output=False)
+    estimate.add_argument(
+        "--method",
+        default=options.default("method"),
+        choices=options.METHODS,
+        help="as for finetune (default: slimfit)",
+    )
+    estimate.add_argument("--json", action="store_true", help='print {"memory": {...}, "config": {...}}')
+    estimate.set_defaults(run=_estimate)
 
     bench = commands.add_parser(
         "bench",

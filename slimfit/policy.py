@@ -6,6 +6,7 @@ A site setting of ``None`` keeps that site exact (it saves what PyTorch would sa
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -104,6 +105,15 @@ class CompressionPolicy:
         chunk = self.lm_head_chunk
         if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk <= 0):
             raise ValueError(f"lm_head_chunk must be None or a positive int, got {chunk!r}")
+
+    def with_bits(self, bits: int) -> CompressionPolicy:
+        """This policy with every ``Quantize`` site coding in ``bits`` bits (2, 4 or 8); other sites unchanged."""
+        changed = {
+            site.name: dataclasses.replace(value, bits=bits)
+            for site in dataclasses.fields(self)
+            if isinstance(value := getattr(self, site.name), Quantize)
+        }
+        return dataclasses.replace(self, **changed)
 
     @classmethod
     def exact(cls) -> CompressionPolicy:

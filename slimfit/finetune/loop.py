@@ -26,6 +26,7 @@ from slimfit.finetune.meter import PeakMemory
 from slimfit.finetune.options import SCHEDULED_METHODS, FinetuneConfig, resolve_device
 from slimfit.finetune.report import RunResult
 from slimfit.layers import split_parameters
+from slimfit.policy import DEFAULT_POLICY
 from slimfit.tasks.base import Task, quiet_transformers
 
 
@@ -53,8 +54,12 @@ class MeteredTrainer(Trainer):
 class RunRecorder(TrainerCallback):
     """Per-step log, layer schedule and memory peaks of a run, and the task's metrics after every epoch."""
 
-    def __init__(self, task: Task, layers: list[str], device: torch.device, progress: bool) -> None:
+    def __init__(
+        self, task: Task, layers: list[str], device: torch.device, progress: bool, simulate: bool = False
+    ) -> None:
         self.task = task
+        self.simulate = simulate  # no evaluation; stop early (see _simulation_done)
+        self._warmup_steps: int | None = None
         self.layers = layers
         self.index = {name: i for i, name in enumerate(layers)}
         self.device = device
@@ -119,13 +124,26 @@ class RunRecorder(TrainerCallback):
         sf = getattr(self.slimfit_callback, "slimfit", None)
         if sf is not None:
             self.uncompressed = list(sf.uncompressed_modules)
+        if self.simulate:
+            control.should_training_stop = self._simulation_done(sf, state.global_step)
         if self._bar is not None:
             last = self.step_log[-1]
             shown = f"{len(self._trained)}/{len(self.layers)}"
             self._bar.set_postfix(loss=f"{last['loss']:.4f}", s_step=f"{seconds:.2f}", layers=shown)
             self._bar.update()
 
+    def _simulation_done(self, sf: Any, step: int) -> bool:
+        """Unscheduled methods: two steps. SlimFit: the warm-up (every layer scored once), then as many steps again
+        choosing layers by score: the sets a run trains after its warm-up differ from the warm-up's."""
+        if sf is None:
+            return step >= 2
+        if self._warmup_steps is None and bool(sf.scheduler.scored.all()):
+            self._warmup_steps = step
+        return self._warmup_steps is not None and step >= 2 * self._warmup_steps
+
     def on_epoch_end(self, args, state, control, **kwargs):
+        if self.simulate:
+            return
         scores = self.task.evaluate(self.trainer)
         epoch = math.ceil(state.epoch - 1e-9)  # the last epoch may end early (--max-steps)
         self.eval_log.append({"epoch": epoch, "step": state.global_step, **scores})
@@ -201,8 +219,13 @@ _CHECKPOINTING = (
 )
 
 
-def run(config: FinetuneConfig, task: Task, output: Path | None = None, progress: bool = True) -> RunResult:
+def run(
+    config: FinetuneConfig, task: Task, output: Path | None = None, progress: bool = True, simulate: bool = False
+) -> RunResult:
     """Fine-tune a fresh copy of the task's model with ``config.method``; evaluate after every epoch.
+
+    ``simulate`` (for :mod:`slimfit.finetune.estimate`): no evaluation, and training stops once SlimFit has scored
+    every layer (other methods: after two steps); the result's metrics are empty.
 
     Checkpoints (``config.save_steps``) are written into ``output``; ``config.resume_from_checkpoint`` continues
     from one. Without checkpoints the Trainer works in a temporary folder that is removed afterwards.
@@ -215,11 +238,13 @@ def run(config: FinetuneConfig, task: Task, output: Path | None = None, progress
     set_seed(config.seed)
     model = build_model(task, config)
     layers = [layer.name for layer in split_parameters(model).layers]
-    recorder = RunRecorder(task, layers, device, progress)
+    recorder = RunRecorder(task, layers, device, progress, simulate)
     callbacks: list[TrainerCallback] = []
     if config.method in SCHEDULED_METHODS:
-        compression = None if config.method == "freeze-only" else "default"
-        recorder.slimfit_callback = SlimFitCallback(freeze_ratio=config.freeze_ratio, compression=compression)
+        compression = None if config.method == "freeze-only" else DEFAULT_POLICY.with_bits(config.compression_bits)
+        recorder.slimfit_callback = SlimFitCallback(
+            freeze_ratio=config.freeze_ratio, compression=compression, optimizer_state=config.optimizer_state
+        )
         callbacks.append(recorder.slimfit_callback)
     callbacks.append(recorder)  # after SlimFit's: it measures the optimizer state after SlimFit moved it
 
@@ -242,7 +267,9 @@ def run(config: FinetuneConfig, task: Task, output: Path | None = None, progress
     start = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-        if not recorder.eval_log:  # resumed after the last epoch ended: nothing trained, still report the metrics
+        if (
+            not recorder.eval_log and not simulate
+        ):  # resumed after the last epoch ended: nothing trained, still report the metrics
             recorder.on_epoch_end(args, trainer.state, trainer.control)
     finally:
         if scratch is not None:
@@ -257,7 +284,7 @@ def run(config: FinetuneConfig, task: Task, output: Path | None = None, progress
         freeze_ratio=config.freeze_ratio if scheduled else None,
         seed=config.seed,
         lr=config.method_lr,
-        metrics={k: v for k, v in recorder.eval_log[-1].items() if k not in ("epoch", "step")},
+        metrics={k: v for k, v in (recorder.eval_log or [{}])[-1].items() if k not in ("epoch", "step")},
         memory=trainer.meter.report(),
         steps=trainer.state.global_step,
         seconds=seconds,

@@ -15,6 +15,10 @@ from slimfit.data import DataError
 METHODS = ("full", "freeze-only", "slimfit", "grad-ckpt", "lora")
 """full fine-tuning; ILS without compression; SlimFit (ILS + compressed activations); activation checkpointing; LoRA."""
 SCHEDULED_METHODS = ("freeze-only", "slimfit")
+COMPRESSION_BITS = (8, 4, 2)
+"""Code widths of slimfit's quantized activations (--compression-bits)."""
+OPTIMIZER_STATE = ("offload", "keep", "drop")
+"""Where a frozen layer's optimizer state stays (slimfit.optim_state): first the default."""
 TASKS = ("classification", "regression", "question-answering", "image-classification", "causal-lm")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -63,6 +67,9 @@ class FinetuneConfig:
     seed: int = 0
     device: str = "auto"
     bf16: bool = False
+    compression_bits: int = 8  # slimfit: bits of every quantized activation (COMPRESSION_BITS)
+    optimizer_state: str = "offload"  # freeze-only and slimfit: OPTIMIZER_STATE
+    memory_budget: int | None = None  # bytes; finetune chooses the settings that fit (slimfit.finetune.budget)
     save_steps: int | None = None  # write a Trainer checkpoint into --output every this many optimizer steps
     resume_from_checkpoint: str | None = None  # a checkpoint folder written with --save-steps
 
@@ -90,17 +97,24 @@ def default(name: str) -> object:
 
 def check_config(config: FinetuneConfig) -> None:
     """Reject option values that cannot work, before anything is loaded (raises DataError, one line)."""
-    choices = {"method": METHODS, "device": DEVICES, "task": (*TASKS, None)}
+    choices = {
+        "method": METHODS,
+        "device": DEVICES,
+        "task": (*TASKS, None),
+        "compression_bits": COMPRESSION_BITS,
+        "optimizer_state": OPTIMIZER_STATE,
+    }
     for name, accepted in choices.items():
         if getattr(config, name) not in accepted:
-            listed = ", ".join(a for a in accepted if a is not None)
-            raise DataError(f"--{name}: {getattr(config, name)!r} is not one of {listed}")
+            listed = ", ".join(str(a) for a in accepted if a is not None)
+            option = name.replace("_", "-")
+            raise DataError(f"--{option}: {getattr(config, name)!r} is not one of {listed}")
     if not 0.0 <= config.freeze_ratio < 1.0:
         raise DataError(f"--freeze-ratio: {config.freeze_ratio} is outside [0, 1)")
     for name in ("epochs", "batch_size", "gradient_accumulation_steps", "lora_rank", "doc_stride", "max_answer_length"):
         if getattr(config, name) < 1:
             raise DataError(f"--{name.replace('_', '-')}: {getattr(config, name)} must be at least 1")
-    for name in ("max_steps", "max_length", "save_steps"):
+    for name in ("max_steps", "max_length", "save_steps", "memory_budget"):
         value = getattr(config, name)
         if value is not None and value < 1:
             raise DataError(f"--{name.replace('_', '-')}: {value} must be at least 1")

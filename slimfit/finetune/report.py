@@ -51,6 +51,10 @@ class RunResult:
     schedule: list[list[bool]] = field(default_factory=list)
     # Modules that kept their activations uncompressed (see SlimFit.uncompressed_modules); None: nothing compresses.
     uncompressed_modules: list[str] | None = None
+    # Predicted peak bytes of full fine-tuning with the same model, batch and length (slimfit.finetune.estimate).
+    full_estimate: dict[str, int] | None = None
+    # What --memory-budget chose (slimfit.finetune.budget.Choice.as_dict), None without a budget.
+    memory_budget: dict[str, Any] | None = None
 
 
 def human_bytes(n: float) -> str:
@@ -73,11 +77,42 @@ def render_table(result: RunResult) -> str:
         ("time per step", f"{result.seconds_per_step:.3f} s ({result.device})"),
         ("total time", f"{result.seconds:.1f} s"),
     ]
-    rows += [(f"memory: {category}", human_bytes(value)) for category, value in result.memory.items()]
+    if result.memory_budget is not None:
+        budget = result.memory_budget
+        rows.append(
+            (
+                "memory budget",
+                f"{human_bytes(budget['budget'])} (predicted {human_bytes(budget['predicted']['total'])})",
+            )
+        )
+    rows += _memory_rows(result.memory, result.full_estimate)
     if result.uncompressed_modules is not None:
         rows.append(("uncompressed modules", ", ".join(result.uncompressed_modules) or "none"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _memory_rows(memory: dict[str, int], full: dict[str, int] | None) -> list[tuple[str, str]]:
+    """One row per category; with ``full``, full fine-tuning's predicted bytes next to each."""
+    if full is None:
+        return [(f"memory: {category}", human_bytes(value)) for category, value in memory.items()]
+    rows = [("memory", f"{'this run':>10}  full fine-tuning (predicted)")]
+    for category, value in memory.items():
+        other = human_bytes(full[category]) if category in full else "-"
+        rows.append((f"memory: {category}", f"{human_bytes(value):>10}  {other}"))
+    return rows
+
+
+def render_memory(memory: dict[str, int]) -> str:
+    """Bytes by category, one per line (`slimfit estimate`)."""
+    rows = [(category, human_bytes(value)) for category, value in memory.items()]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value:>10}" for name, value in rows)
+
+
+def config_record(config: FinetuneConfig, task: Any) -> dict[str, Any]:
+    """The run's options as metrics.json and `slimfit estimate --json` record them (model and data by name)."""
+    return {**asdict(config), "model": task.model_name, "data": describe_data(config)}
 
 
 _METRIC_LABELS = {"f1": "macro-F1"}  # classification's F1 is the macro average over classes
@@ -96,6 +131,8 @@ def write_run(result: RunResult, config: FinetuneConfig, folder: Path, task: Any
         "task": result.task,
         "lr": result.lr,
         "memory": result.memory,
+        "memory_full_estimate": result.full_estimate,
+        "memory_budget": result.memory_budget,
         "uncompressed_modules": result.uncompressed_modules,
         "steps": result.steps,
         "seconds": result.seconds,
@@ -104,7 +141,7 @@ def write_run(result: RunResult, config: FinetuneConfig, folder: Path, task: Any
         "evaluations": result.eval_log,
         "labels": task.label_names,
         "examples": task.examples,
-        "config": {**asdict(config), "model": task.model_name, "data": describe_data(config)},
+        "config": config_record(config, task),
     }
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     with (folder / "steps.csv").open("w", newline="") as handle:
@@ -112,7 +149,10 @@ def write_run(result: RunResult, config: FinetuneConfig, folder: Path, task: Any
         writer.writeheader()
         writer.writerows(result.step_log)
     plots.loss_curve(result.step_log, folder / "loss.png", title=f"{result.method}: training loss")
-    plots.memory_bars({result.method: result.memory}, folder / "memory.png", title="Peak memory by category")
+    bars = {result.method: result.memory}
+    if result.full_estimate is not None:
+        bars["full fine-tuning (predicted)"] = result.full_estimate
+    plots.memory_bars(bars, folder / "memory.png", title="Peak memory by category")
     plots.layer_heatmap(result.layers, result.schedule, folder / "layers.png", title=f"{result.method}: layers trained")
 
 
