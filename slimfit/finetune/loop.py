@@ -31,13 +31,15 @@ from slimfit.tasks.base import Task, quiet_transformers
 
 
 class MeteredTrainer(Trainer):
-    """A Trainer whose training forwards are measured by a :class:`PeakMemory` (set by :class:`RunRecorder`)."""
+    """A Trainer whose training forwards are measured by a :class:`PeakMemory` (set by :class:`RunRecorder`) on
+    the steps :class:`RunRecorder` marks ``metering``."""
 
     meter: PeakMemory | None = None
+    metering = False
     step_losses: list[float]
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        if self.meter is None or not (model.training and torch.is_grad_enabled()):
+        if self.meter is None or not (self.metering and model.training and torch.is_grad_enabled()):
             return super().compute_loss(model, inputs, *args, **kwargs)
         with self.meter.forward():
             return super().compute_loss(model, inputs, *args, **kwargs)
@@ -52,7 +54,12 @@ class MeteredTrainer(Trainer):
 
 
 class RunRecorder(TrainerCallback):
-    """Per-step log, layer schedule and memory peaks of a run, and the task's metrics after every epoch."""
+    """Per-step log, layer schedule and memory peaks of a run, and the task's metrics after every epoch.
+
+    The meter's saved-tensor hooks cost time on every forward they watch, so steps alternate: odd steps (1, 3, ...)
+    measure the bytes kept for backward and are not timed, even steps are timed and not measured (gradients and
+    optimizer state, read outside the forward, are measured on every step). A simulation meters every step.
+    """
 
     def __init__(
         self, task: Task, layers: list[str], device: torch.device, progress: bool, simulate: bool = False
@@ -90,6 +97,7 @@ class RunRecorder(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         sf = getattr(self.slimfit_callback, "slimfit", None)
         self._trained = sf.trainable_layers() if sf is not None else self.layers
+        self.trainer.metering = self.simulate or state.global_step % 2 == 0  # global_step counts finished steps
         self._tick = time.perf_counter()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -118,7 +126,8 @@ class RunRecorder(TrainerCallback):
                 "lr": self._lr,
                 "seconds": seconds,
                 "trainable_layers": len(self._trained),
-                "activation_bytes": meter.last_activation_bytes,
+                "activation_bytes": meter.last_activation_bytes if self.trainer.metering else None,
+                "metered": self.trainer.metering,
             }
         )
         sf = getattr(self.slimfit_callback, "slimfit", None)
@@ -275,8 +284,10 @@ def run(
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     seconds = time.perf_counter() - start
-    # The first step pays one-off costs (allocator warm-up, lazy init); leave it out of the per-step time.
-    timed = [row["seconds"] for row in recorder.step_log[1:]] or [row["seconds"] for row in recorder.step_log]
+    # Time steps the meter did not watch (the first is metered: it also pays one-off costs such as allocator
+    # warm-up); a run too short to have one falls back to the metered steps.
+    timed = [row["seconds"] for row in recorder.step_log if not row["metered"]]
+    timed = timed or [row["seconds"] for row in recorder.step_log]
     scheduled = config.method in SCHEDULED_METHODS
     return RunResult(
         task=task.name,

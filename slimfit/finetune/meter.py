@@ -15,10 +15,11 @@ from slimfit import memory
 class PeakMemory:
     """Peak bytes by category over a training run, measured with :mod:`slimfit.memory`.
 
-    ``activations`` is the largest number of bytes held for backward at the end of a forward pass: what the
+    ``activations`` is the largest number of bytes held for backward by a measured forward pass: what the
     autograd graph saved (saved-tensor hooks: what the method really keeps, compressed or not) plus, under
-    activation checkpointing, the inputs each checkpointed block keeps for its recomputation (the one block
-    recomputed at a time during backward is not included); ``gradients`` the largest
+    activation checkpointing, the inputs each checkpointed block keeps for its recomputation and what one block
+    saves when backward recomputes it (measured by running the first checkpointed block once more, without
+    checkpointing, on a forked RNG); ``gradients`` the largest
     ``.grad`` total after a backward; ``optimizer_state`` the largest optimizer state on the model's device
     after a step (``optimizer_state_host`` what SlimFit offloaded to host memory, on CUDA only); ``total`` the
     sum of those peaks and ``weights`` (an upper bound: the peaks need not coincide). On CUDA,
@@ -41,8 +42,9 @@ class PeakMemory:
     def forward(self) -> Iterator[None]:
         """Measure the bytes saved for backward by the forward pass run inside."""
         held: dict[int, int] = {}
+        recomputed: list[int] = []
         hooks = [
-            module.register_forward_pre_hook(functools.partial(_record_inputs, held), with_kwargs=True)
+            module.register_forward_pre_hook(functools.partial(_record_inputs, held, recomputed), with_kwargs=True)
             for module in self.model.modules()
             if getattr(module, "gradient_checkpointing", False) is True
         ]
@@ -54,7 +56,7 @@ class PeakMemory:
                 hook.remove()
         # Activation checkpointing keeps each block's inputs for the recomputation outside autograd's saved
         # tensors, where the meter cannot see them; they are held until backward all the same.
-        self.last_activation_bytes = meter.live_bytes + sum(held.values())
+        self.last_activation_bytes = meter.live_bytes + sum(held.values()) + sum(recomputed)
         self._peak("activations", self.last_activation_bytes)
 
     def after_backward(self) -> None:
@@ -78,9 +80,27 @@ class PeakMemory:
         return report
 
 
-def _record_inputs(held: dict[int, int], module: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook: bytes of the (non-parameter) tensor inputs of a checkpointed block, by storage."""
+def _record_inputs(held: dict[int, int], recomputed: list[int], module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a checkpointed block: bytes of its (non-parameter) tensor inputs, by storage; at the
+    first block of a forward, also what the block saves for backward when it is recomputed."""
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
             storage = value.untyped_storage()
             held[storage.data_ptr()] = storage.nbytes()
+    if not recomputed and module.training and torch.is_grad_enabled():
+        recomputed.append(_saved_without_checkpointing(module, args, kwargs))
+
+
+def _saved_without_checkpointing(module: nn.Module, args: tuple, kwargs: dict) -> int:
+    """Bytes ``module`` saves for backward in a forward without checkpointing, as during its recomputation. The
+    RNG is forked so the real forward (and the recomputation, which replays its RNG state) see the same draws."""
+    devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
+    # Its inputs are held for the recomputation already (counted apart), and weights are never activations.
+    inputs = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+    module.gradient_checkpointing = False
+    try:
+        with torch.random.fork_rng(devices=devices):
+            forward = functools.partial(module.forward, *args, **kwargs)
+            return memory.measure_saved_bytes(forward, exclude=[*module.parameters(), *inputs])
+    finally:
+        module.gradient_checkpointing = True

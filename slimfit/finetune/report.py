@@ -22,7 +22,8 @@ from typing import Any
 from slimfit.data import DataError
 from slimfit.finetune.options import BUNDLED_DATA, FinetuneConfig
 
-STEP_LOG_FIELDS = ("step", "epoch", "loss", "lr", "seconds", "trainable_layers", "activation_bytes")
+# activation_bytes is empty on the steps the memory meter did not watch (metered False: the timed ones).
+STEP_LOG_FIELDS = ("step", "epoch", "loss", "lr", "seconds", "trainable_layers", "activation_bytes", "metered")
 RESULT_FILES = ("metrics.json", "steps.csv", "loss.png", "memory.png", "layers.png")
 _CHECKPOINT = re.compile(r"checkpoint-\d+")
 
