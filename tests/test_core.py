@@ -212,6 +212,7 @@ def test_bad_freeze_ratio(value):
         ({"optimizer_state": "cpu"}, r"optimizer_state must be one of \['keep', 'drop', 'offload'\], got 'cpu'"),
         ({"train_biases": 1}, "train_biases must be a bool"),
         ({"seed": 1.5}, "seed must be an int or None"),
+        ({"scoring": "approx"}, r"scoring must be one of \['sampled', 'exact'\], got 'approx'"),
     ],
 )
 def test_bad_options(kwargs, match):
