@@ -26,7 +26,7 @@ from slimfit.models import PatchHandle, patch
 from slimfit.optim_state import OPTIMIZER_STATE_POLICIES, OptimizerStateManager
 from slimfit.policy import DEFAULT_POLICY, CompressionPolicy
 from slimfit.scheduler import InterLayerScheduler
-from slimfit.scoring import SCORING_MODES, UpdateScorer
+from slimfit.scoring import UpdateScorer
 
 METRICS = ("rel_l2", "rel_l1_mean")
 _STATE_FORMAT = 1
@@ -129,8 +129,6 @@ class SlimFit:
             raise ValueError(f"train_biases must be a bool, got {train_biases!r}")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
-        if scoring not in SCORING_MODES:
-            raise ValueError(f"scoring must be one of {list(SCORING_MODES)}, got {scoring!r}")
         check_process_group(process_group)
         if isinstance(compression, str) and compression == "default":
             compression = DEFAULT_POLICY
@@ -177,7 +175,7 @@ class SlimFit:
         (seed,) = broadcast_indices([torch.initial_seed() if seed is None else seed], process_group)
         generator = torch.Generator().manual_seed(seed)
         self.scheduler = InterLayerScheduler(len(self.layers), self.num_trainable, generator)
-        self._scorer = UpdateScorer([layer.param for layer in self.layers], metric, scoring, seed)
+        self._scorer = UpdateScorer([layer.param for layer in self.layers], metric, scoring, seed)  # checks scoring
         self._state = OptimizerStateManager(optimizer, optimizer_state)
 
         # Everything above only checks; from here on the model changes (patching first: it may refuse).
@@ -283,7 +281,8 @@ class SlimFit:
     # ------------------------------------------------------------------ checkpointing
 
     def state_dict(self) -> dict[str, Any]:
-        """Scheduler state (scores, warm-up order, step, trainable set) and telemetry, as JSON-safe Python values.
+        """Scheduler state (scores, warm-up order, step, trainable set), the seed of the scoring sample and
+        telemetry, as JSON-safe Python values.
 
         Take it between ``sf.step()`` and the next ``optimizer.step()`` (where checkpoints are normally
         written); together with the model's and optimizer's state dicts and the RNG state it continues the
