@@ -25,12 +25,14 @@ The sample of a layer of ``n`` elements of ``e`` bytes:
   depends only on the weights, which ranks and a resumed run share. It is found in blocks of about 65,536
   elements, so no full-size temporary is made.
 
-Estimator error, measured with ``benchmarks/bench_scoring.py`` (pretrained MiniLM-L6 on BBC News, AdamW,
-lr 2e-4, batches of 16 x 64 tokens, freeze ratio 0.9, sampled and exact scores of the same layers at every
-step of one epoch): see ``benchmarks/results/scoring-2026-11-30-cpu.md``. ``rel_l1_mean``: relative error mean
-MEAN_L1, 95th percentile P95_L1; next trainable set equal to the exact one's OVERLAP_L1 of the elements.
-``rel_l2``: mean MEAN_L2, 95th percentile P95_L2, overlap OVERLAP_L2. Scoring memory: SCORING_BYTES vs a full
-copy's FULL_BYTES.
+Estimator error, measured with ``benchmarks/bench_scoring.py`` (pretrained MiniLM-L6 on BBC News, AdamW lr 2e-4,
+batches of 16 x 64 tokens, freeze ratio 0.9, K = 5 of 54 layers; sampled and exact scores of the same layers at
+every step of one epoch; ``benchmarks/results/scoring-2026-11-30-cpu.md``): relative error ``|sampled - exact| /
+exact`` per layer, mean 0.085 for ``rel_l1_mean`` (worst layer of a step: median 0.17, worst 0.79) and 0.020 for
+``rel_l2`` (0.040, 0.19). The next trainable set chosen from sampled scores equalled the exact one at 65%
+(``rel_l1_mean``) and 78% (``rel_l2``) of the steps after the warm-up, otherwise differing by one layer (two, at
+worst, for ``rel_l1_mean``): mean overlap 0.92 and 0.96. Scoring memory: 0.47 MiB vs 47.0 MiB for full copies
+(1.0%), when the word embedding trains.
 """
 
 from __future__ import annotations
