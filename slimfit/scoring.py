@@ -112,6 +112,7 @@ class UpdateScorer:
         self.peak_bytes = max(self.peak_bytes, self.held_bytes)
 
     def clear(self) -> None:
+        """Drop the snapshot unscored (a loaded checkpoint or :meth:`slimfit.SlimFit.remove`)."""
         self._snapshot = None
 
     def score(self) -> tuple[list[int], torch.Tensor]:
