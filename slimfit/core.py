@@ -3,7 +3,7 @@
 One iteration of the user's loop (the only two lines SlimFit adds are the constructor and ``sf.step()``)::
 
     loss.backward()
-    optimizer.step()   # pre-hook: snapshot the K trainable layers ("before")
+    optimizer.step()   # pre-hook: snapshot (a sample of) the K trainable layers ("before"), see slimfit.scoring
     sf.step()          # score them against "after", choose the next K, flip requires_grad
     optimizer.zero_grad()
 """
@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimfit import ops
 from slimfit.distributed import broadcast_indices, check_process_group, is_distributed, source_rank
 from slimfit.layers import Layer, reject_sharded_parameters, split_parameters, unwrap_model
 from slimfit.memory import measure_saved_bytes
@@ -27,6 +26,7 @@ from slimfit.models import PatchHandle, patch
 from slimfit.optim_state import OPTIMIZER_STATE_POLICIES, OptimizerStateManager
 from slimfit.policy import DEFAULT_POLICY, CompressionPolicy
 from slimfit.scheduler import InterLayerScheduler
+from slimfit.scoring import UpdateScorer
 
 METRICS = ("rel_l2", "rel_l1_mean")
 _STATE_FORMAT = 1
@@ -81,6 +81,10 @@ class SlimFit:
             under ``torch.manual_seed``.
         process_group: the ``torch.distributed`` group whose ranks train this model together (the group given
             to DDP); ``None`` is the whole job. Its first rank's seed and scores decide for all its members.
+        scoring: ``"sampled"`` (default) scores each trained layer's update on a sample of its elements, which
+            with the values gathered to score them takes at most 1% of the layer's bytes (tiny layers such as
+            LayerNorm weights are copied whole); ``"exact"`` copies every trained layer whole before the step.
+            See :mod:`slimfit.scoring` for the sample and its measured error.
 
     Under ``torch.distributed`` (world size > 1) every rank of ``process_group`` must construct SlimFit and call
     :meth:`step` together: the group's first rank's seed and scores decide, so all ranks train the same layers
@@ -109,6 +113,7 @@ class SlimFit:
         train_biases: bool = True,
         seed: int | None = None,
         process_group: torch.distributed.ProcessGroup | None = None,
+        scoring: str = "sampled",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -170,6 +175,7 @@ class SlimFit:
         (seed,) = broadcast_indices([torch.initial_seed() if seed is None else seed], process_group)
         generator = torch.Generator().manual_seed(seed)
         self.scheduler = InterLayerScheduler(len(self.layers), self.num_trainable, generator)
+        self._scorer = UpdateScorer([layer.param for layer in self.layers], metric, scoring, seed)  # checks scoring
         self._state = OptimizerStateManager(optimizer, optimizer_state)
 
         # Everything above only checks; from here on the model changes (patching first: it may refuse).
@@ -182,7 +188,6 @@ class SlimFit:
         self._trainable: list[int] = []
         self._apply_trainable(self.scheduler.trainable)
 
-        self._snapshot: tuple[list[int], list[torch.Tensor], list[float | None]] | None = None
         self._stepped = False
         self._warned_missing_step = False
         self._hooks = [
@@ -210,24 +215,13 @@ class SlimFit:
         """
         self._check_active()
         self.stats.steps += 1
-        snapshot, self._snapshot = self._snapshot, None
         stepped, self._stepped = self._stepped, False
         if not stepped:
             self.stats.skipped_steps += 1
         indices: list[int] = []
         scores = torch.empty(0)
-        if snapshot is not None:
-            indices, before, rates = snapshot
-            # A layer moves in proportion to its learning rate; dividing the rate out keeps scores taken under a
-            # warm-up or decay schedule comparable, so layers first scored at a tiny rate are not starved for the
-            # rest of the run. A rate the optimizer does not expose (None: Adafactor's relative step) cannot be
-            # divided out; the score is then the raw update. A zero rate (e.g. the first step of a warm-up) moved
-            # nothing and tells nothing: those layers keep their old score.
-            moved = [k for k, rate in enumerate(rates) if rate is None or rate > 0.0]
-            indices, before = [indices[k] for k in moved], [before[k] for k in moved]
-            scores = self._score(indices, before) if indices else scores
-            divisors = [1.0 if rates[k] is None else rates[k] for k in moved]
-            scores = scores / torch.tensor(divisors, dtype=scores.dtype, device=scores.device)
+        if self._scorer.holding:
+            indices, scores = self._scorer.score()
             if is_distributed(self._process_group):
                 # Ranks hold identical weights, but a one-ulp difference in a score could still flip a tie
                 # and split the trainable sets; the group's first rank's scores decide for everyone.
@@ -246,20 +240,6 @@ class SlimFit:
             )
         self._apply_trainable(self.scheduler.trainable)
 
-    def _score(self, indices: list[int], before: list[torch.Tensor]) -> torch.Tensor:
-        """Update scores of ``indices``: one ``update_norms`` launch per device (one for a usual model)."""
-        after = [self.layers[i].param.detach() for i in indices]
-        by_device: dict[torch.device, list[int]] = {}
-        for position, tensor in enumerate(after):
-            by_device.setdefault(tensor.device, []).append(position)
-        if len(by_device) == 1:
-            return ops.update_norms(before, after, self.metric)
-        scores = torch.empty(len(after), dtype=torch.float32, device=after[0].device)
-        for positions in by_device.values():
-            part = ops.update_norms([before[j] for j in positions], [after[j] for j in positions], self.metric)
-            scores[positions] = part.to(scores.device)
-        return scores
-
     def _before_optimizer_step(self, _optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
         if self._stepped and not self._warned_missing_step:
             self._warned_missing_step = True
@@ -272,13 +252,11 @@ class SlimFit:
         self._stepped = True
         # Keep the first snapshot if the optimizer steps twice between sf.step() calls: the score then
         # covers the whole change. With K == N there is nothing to choose, so nothing to copy.
-        if self._snapshot is None and self.num_trainable < len(self.layers):
-            indices = list(self._trainable)
+        if not self._scorer.holding and self.num_trainable < len(self.layers):
             rate_of = {
                 id(p): _as_rate(group.get("lr")) for group in self.optimizer.param_groups for p in group["params"]
             }
-            rates = [rate_of[id(self.layers[i].param)] for i in indices]
-            self._snapshot = (indices, [self.layers[i].param.detach().clone() for i in indices], rates)
+            self._scorer.snapshot(self._trainable, [rate_of[id(self.layers[i].param)] for i in self._trainable])
 
     def _apply_trainable(self, trainable: list[int]) -> None:
         old, new = set(self._trainable), set(trainable)
@@ -303,7 +281,8 @@ class SlimFit:
     # ------------------------------------------------------------------ checkpointing
 
     def state_dict(self) -> dict[str, Any]:
-        """Scheduler state (scores, warm-up order, step, trainable set) and telemetry, as JSON-safe Python values.
+        """Scheduler state (scores, warm-up order, step, trainable set), the seed of the scoring sample and
+        telemetry, as JSON-safe Python values.
 
         Take it between ``sf.step()`` and the next ``optimizer.step()`` (where checkpoints are normally
         written); together with the model's and optimizer's state dicts and the RNG state it continues the
@@ -316,6 +295,7 @@ class SlimFit:
             "freeze_ratio": self.freeze_ratio,
             "metric": self.metric,
             "scheduler": self.scheduler.state_dict(),
+            "scoring_seed": self._scorer.seed,
             "stats": asdict(self.stats),
         }
 
@@ -348,7 +328,10 @@ class SlimFit:
         if state["metric"] != self.metric:
             raise ValueError(f"state was saved with metric={state['metric']!r}, this SlimFit has {self.metric!r}")
         self.scheduler.load_state_dict(state["scheduler"])
-        self._snapshot, self._stepped = None, False
+        # The sample's seed, so that the resumed run scores the same elements (older states have none).
+        self._scorer.seed = int(state.get("scoring_seed", self._scorer.seed))
+        self._scorer.clear()
+        self._stepped = False
         self._apply_trainable(self.scheduler.trainable)
         self.stats = SlimFitStats(**state["stats"])  # after the switch above, which counts thaws
 
@@ -360,12 +343,20 @@ class SlimFit:
         slimfit does not handle, and attention modules found at their first forward not to run compressed."""
         return self._patch.unsupported
 
+    @property
+    def scoring_bytes(self) -> int:
+        """The most bytes scoring has held at once since construction: the snapshot taken before an optimizer
+        step (sampled values and their int64 positions, or whole copies) plus the values gathered after it to
+        score them. It lives from ``optimizer.step()`` to :meth:`step`, hence a peak rather than a current value."""
+        return self._scorer.peak_bytes
+
     def memory_report(self, inputs: Any = None) -> dict[str, int]:
         """Bytes currently held, by category.
 
         Keys: ``weights`` (all parameters), ``trainable_weights`` (those with ``requires_grad``), ``gradients``,
         ``optimizer_state`` (on the parameters' device), ``optimizer_state_offloaded`` (in host memory for
-        accelerator parameters), and ``cuda_max_memory_allocated`` when the model is on CUDA.
+        accelerator parameters), ``scoring`` (:attr:`scoring_bytes`: a peak, the snapshot only lives across the
+        optimizer step), and ``cuda_max_memory_allocated`` when the model is on CUDA.
         ``uncompressed_modules`` is the number of modules named in :attr:`uncompressed_modules` (a count, not
         bytes), so a report never hides that part of the model saved its activations in full.
 
@@ -383,6 +374,7 @@ class SlimFit:
             "gradients": sum(_nbytes(p.grad) for p in params if p.grad is not None),
             "optimizer_state": on_device,
             "optimizer_state_offloaded": offloaded,
+            "scoring": self.scoring_bytes,
         }
         if inputs is not None:
             report["saved_activations"] = self._measure_saved_bytes(inputs)
@@ -423,7 +415,7 @@ class SlimFit:
         self._state.restore_all()
         for name, p in self.model.named_parameters():
             p.requires_grad_(self._original_requires_grad.get(name, p.requires_grad))
-        self._snapshot = None
+        self._scorer.clear()
         self._removed = True
 
     def _check_active(self) -> None:
@@ -433,7 +425,8 @@ class SlimFit:
     def __repr__(self) -> str:
         return (
             f"SlimFit(layers={len(self.layers)}, trainable={self.num_trainable}, freeze_ratio={self.freeze_ratio}, "
-            f"metric={self.metric!r}, optimizer_state={self._state.policy!r}, step={self.scheduler.step_count})"
+            f"metric={self.metric!r}, scoring={self._scorer.mode!r}, optimizer_state={self._state.policy!r}, "
+            f"step={self.scheduler.step_count})"
         )
 
 

@@ -71,9 +71,13 @@ def test_finetune_writes_metrics_log_and_plots(assets, tmp_path, capsys, method)
     metrics = json.loads((output / "metrics.json").read_text())
     assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["f1"] <= 1.0
     assert metrics["steps"] == 3 and metrics["seconds"] > 0
-    assert {"weights", "gradients", "optimizer_state", "activations", "total"} <= metrics["memory"].keys()
-    assert all(isinstance(v, int) and v >= 0 for v in metrics["memory"].values())
-    assert metrics["memory"]["activations"] > 0
+    memory = metrics["memory"]
+    assert {"weights", "gradients", "optimizer_state", "activations", "scoring", "total"} <= memory.keys()
+    assert all(isinstance(v, int) and v >= 0 for v in memory.values())
+    assert memory["activations"] > 0
+    assert (memory["scoring"] > 0) == (method == "slimfit")  # SlimFit's score snapshot; full scores nothing
+    assert memory["total"] == sum(v for k, v in memory.items() if k != "total")
+    assert "memory: scoring" in printed
     assert metrics["config"]["text_column"] == "body" and metrics["config"]["method"] == method
     assert metrics["config"]["model"] == str(assets["model"])
     assert metrics["labels"] == ["sport", "tech"]

@@ -109,7 +109,9 @@ class RunRecorder(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         meter = self.trainer.meter
-        meter.after_step()
+        sf = getattr(self.slimfit_callback, "slimfit", None)
+        # SlimFit's scoring snapshot is already freed here (sf.step() ran at on_optimizer_step): read its peak.
+        meter.after_step(sf.scoring_bytes if sf is not None else 0)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # kernels run asynchronously: time the work, not the launches
         seconds = time.perf_counter() - self._tick
@@ -130,7 +132,6 @@ class RunRecorder(TrainerCallback):
                 "metered": self.trainer.metering,
             }
         )
-        sf = getattr(self.slimfit_callback, "slimfit", None)
         if sf is not None:
             self.uncompressed = list(sf.uncompressed_modules)
         if self.simulate:

@@ -21,8 +21,10 @@ class PeakMemory:
     saves when backward recomputes it (measured by running the first checkpointed block once more, without
     checkpointing, on a forked RNG); ``gradients`` the largest
     ``.grad`` total after a backward; ``optimizer_state`` the largest optimizer state on the model's device
-    after a step (``optimizer_state_host`` what SlimFit offloaded to host memory, on CUDA only); ``total`` the
-    sum of those peaks and ``weights`` (an upper bound: the peaks need not coincide). On CUDA,
+    after a step (``optimizer_state_host`` what SlimFit offloaded to host memory, on CUDA only); ``scoring`` the
+    most bytes SlimFit's update scoring held (:attr:`slimfit.SlimFit.scoring_bytes`: its snapshot across the
+    optimizer step; 0 for methods without SlimFit); ``total`` the sum of those peaks and ``weights`` (an upper
+    bound: the peaks need not coincide). On CUDA,
     ``cuda_max_memory_allocated`` adds what the allocator itself saw, workspace and temporaries included.
     """
 
@@ -33,6 +35,7 @@ class PeakMemory:
         self.device = device
         self.peaks = {"weights": memory.parameter_bytes(model), "gradients": 0, "optimizer_state": 0}
         self.peaks["activations"] = 0
+        self.peaks["scoring"] = 0
         self.last_activation_bytes = 0
         if device.type == "cuda":
             self.peaks["optimizer_state_host"] = 0
@@ -62,7 +65,9 @@ class PeakMemory:
     def after_backward(self) -> None:
         self._peak("gradients", self._memory.gradient_bytes(self.model))
 
-    def after_step(self) -> None:
+    def after_step(self, scoring_bytes: int = 0) -> None:
+        """Record the optimizer state after a step, and SlimFit's scoring peak so far (``scoring_bytes``)."""
+        self._peak("scoring", scoring_bytes)
         on_device = self._memory.optimizer_state_bytes(self.optimizer, self.device)
         self._peak("optimizer_state", on_device)
         if self.device.type == "cuda":

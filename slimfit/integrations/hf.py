@@ -24,7 +24,7 @@ class SlimFitCallback(TrainerCallback, ExportableState):
     Args:
         freeze_ratio: fraction of layers frozen at each step, in ``[0, 1)``.
         **slimfit_kwargs: further arguments of :class:`slimfit.SlimFit` (``metric``, ``optimizer_state``,
-            ``compression``, ``train_biases``, ``seed``).
+            ``compression``, ``train_biases``, ``seed``, ``scoring``).
 
     Attributes:
         slimfit: the :class:`slimfit.SlimFit` in use while training runs (None before and after).
