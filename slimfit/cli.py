@@ -211,6 +211,7 @@ def _add_training_options(parser: argparse.ArgumentParser, with_checkpoints: boo
         DEVICES,
         FALLBACK_MAX_LENGTH,
         OPTIMIZER_STATE,
+        SCORING,
         TASKS,
         default,
     )
@@ -344,6 +345,13 @@ def _add_training_options(parser: argparse.ArgumentParser, with_checkpoints: boo
         help="freeze-only and slimfit: a frozen layer's optimizer state is moved to host memory (offload, on an "
         "accelerator), kept where it is (keep) or dropped and restarted when it trains again (drop) (default: "
         "%(default)s)",
+    )
+    train.add_argument(
+        "--scoring",
+        choices=SCORING,
+        default=default("scoring"),
+        help="freeze-only and slimfit: score each trained layer's update on a sample of its weights (at most 1%% of "
+        "its bytes) or on a full copy (exact) (default: %(default)s)",
     )
     if with_checkpoints:
         train.add_argument(

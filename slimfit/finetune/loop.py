@@ -253,7 +253,10 @@ def run(
     if config.method in SCHEDULED_METHODS:
         compression = None if config.method == "freeze-only" else DEFAULT_POLICY.with_bits(config.compression_bits)
         recorder.slimfit_callback = SlimFitCallback(
-            freeze_ratio=config.freeze_ratio, compression=compression, optimizer_state=config.optimizer_state
+            freeze_ratio=config.freeze_ratio,
+            compression=compression,
+            optimizer_state=config.optimizer_state,
+            scoring=config.scoring,
         )
         callbacks.append(recorder.slimfit_callback)
     callbacks.append(recorder)  # after SlimFit's: it measures the optimizer state after SlimFit moved it
