@@ -207,6 +207,13 @@ def run(config: FinetuneConfig, task: Task, output: Path | None = None, progress
     Checkpoints (``config.save_steps``) are written into ``output``; ``config.resume_from_checkpoint`` continues
     from one. Without checkpoints the Trainer works in a temporary folder that is removed afterwards.
     """
+    return train(config, task, output, progress)[0]
+
+
+def train(
+    config: FinetuneConfig, task: Task, output: Path | None = None, progress: bool = True
+) -> tuple[RunResult, nn.Module]:
+    """:func:`run`, and the trained model (SlimFit removed from it; LoRA's adapters still in place)."""
     from transformers import set_seed
 
     from slimfit.integrations.hf import SlimFitCallback
@@ -251,7 +258,7 @@ def run(config: FinetuneConfig, task: Task, output: Path | None = None, progress
     # The first step pays one-off costs (allocator warm-up, lazy init); leave it out of the per-step time.
     timed = [row["seconds"] for row in recorder.step_log[1:]] or [row["seconds"] for row in recorder.step_log]
     scheduled = config.method in SCHEDULED_METHODS
-    return RunResult(
+    result = RunResult(
         task=task.name,
         method=config.method,
         freeze_ratio=config.freeze_ratio if scheduled else None,
@@ -269,3 +276,4 @@ def run(config: FinetuneConfig, task: Task, output: Path | None = None, progress
         schedule=recorder.schedule,
         uncompressed_modules=(recorder.uncompressed or []) if config.method == "slimfit" else None,
     )
+    return result, trainer.model
