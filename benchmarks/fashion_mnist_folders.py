@@ -4,9 +4,11 @@ Reads the four gzip'd IDX files (60,000 train and 10,000 test 28x28 grey images,
 ``dataset-fashion-mnist`` installs (``dpkg -L dataset-fashion-mnist`` lists them: /usr/share/datasets/fashion-mnist)
 and writes the first ``--per-class`` train and ``--test-per-class`` test images of each class (the files are already
 shuffled) as ``OUT/train/<class>/<index>.png`` and ``OUT/test/<class>/<index>.png``, ``index`` being the image's
-position in its IDX file.
+position in its IDX file. ``--classes`` writes only the classes named (e.g. disjoint classes for pretraining and
+for fine-tuning).
 
-Usage: python benchmarks/fashion_mnist_folders.py OUT [--per-class 200] [--test-per-class 50] [--source DIR]
+Usage: python benchmarks/fashion_mnist_folders.py OUT [--per-class 200] [--test-per-class 50] [--classes NAME ...]
+       [--source DIR]
 then: slimfit finetune --task image-classification --data OUT/train --eval-data OUT/test --model VIT_FOLDER
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +45,13 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
     return np.frombuffer(data, np.uint8, offset=offset).reshape(shape)
 
 
-def write_split(source: Path, prefix: str, target: Path, per_class: int) -> int:
-    """PNGs of the first ``per_class`` images of each class; returns how many were written."""
+def write_split(source: Path, prefix: str, target: Path, per_class: int, classes: Sequence[str] = CLASSES) -> int:
+    """PNGs of the first ``per_class`` images of each of ``classes``; returns how many were written."""
     images = read_idx(source / f"{prefix}-images-idx3-ubyte.gz", IMAGES_MAGIC)
     labels = read_idx(source / f"{prefix}-labels-idx1-ubyte.gz", LABELS_MAGIC)
     written = 0
-    for label, name in enumerate(CLASSES):
+    for name in classes:
+        label = CLASSES.index(name)
         folder = target / name
         folder.mkdir(parents=True)
         for index in np.flatnonzero(labels == label)[:per_class]:
@@ -61,6 +65,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path, help="output folder (its train/ and test/ must not exist yet)")
     parser.add_argument("--per-class", type=int, default=200, help="train images per class (at most 6,000)")
     parser.add_argument("--test-per-class", type=int, default=50, help="test images per class (at most 1,000)")
+    parser.add_argument(
+        "--classes",
+        nargs="+",
+        choices=CLASSES,
+        default=CLASSES,
+        metavar="NAME",
+        help=f"classes to write (default: all): {', '.join(CLASSES)}",
+    )
     parser.add_argument("--source", type=Path, default=SOURCE, help=f"folder of the IDX files (default {SOURCE})")
     args = parser.parse_args(argv)
     for option, value in (("--per-class", args.per_class), ("--test-per-class", args.test_per_class)):
@@ -70,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
         target = args.out / split
         if target.exists():  # stale PNGs of an earlier, larger run would mix in
             parser.error(f"{target} exists; choose another OUT or remove it")
-        count = write_split(args.source, prefix, target, args.per_class if split == "train" else args.test_per_class)
+        per_class = args.per_class if split == "train" else args.test_per_class
+        count = write_split(args.source, prefix, target, per_class, sorted(set(args.classes), key=CLASSES.index))
         print(f"{target}: {count} images")
 
 

@@ -103,18 +103,19 @@ def _finetune(args: argparse.Namespace) -> int:
                 f"task {config.task}, model {task.model_name}, {task.describe()}; method {config.method}, "
                 f"output {output}"
             )
-        result = loop.run(config, task, output=output, progress=not args.quiet)
-        if not loop.is_main_process():  # under torchrun / accelerate launch, the first process reports
+        result, model = loop.train(config, task, output=output, progress=not args.quiet)
+        if not loop.is_main_process():  # under torchrun / accelerate launch, the first process reports and saves
             return 0
         result = dataclasses.replace(
             result, full_estimate=full, memory_budget=choice.as_dict() if choice is not None else None
         )
         with report.staged_output(output, checkpoints_allowed=resuming or config.save_steps is not None) as folder:
             report.write_run(result, config, folder, task)
+            report.save_model(model, task.processor, folder / report.MODEL_FOLDER)
     except Exception as error:  # any failure, expected or not, is one line; results are written only at the end
         return _failed("finetune", error)
     print(report.render_table(result))
-    print(f"wrote {', '.join(report.RESULT_FILES)} to {output}")
+    print(f"wrote {', '.join(report.RUN_FILES)} and the fine-tuned model ({report.MODEL_FOLDER}/) to {output}")
     return 0
 
 
@@ -372,7 +373,8 @@ def _add_training_options(parser: argparse.ArgumentParser, with_checkpoints: boo
 FINETUNE_EPILOG = """\
 Defaults: the bundled MiniLM on BBC News (2,002 train / 223 eval articles), 1 epoch of batch 16 x 128 tokens
 (126 steps, a few minutes on 2 CPU cores), SlimFit at freeze ratio 0.9 and lr 2e-4 (full fine-tuning: 5e-5).
-Output: metrics.json, steps.csv (per-step log), loss.png, memory.png, layers.png (which layers trained when).
+Output: metrics.json, steps.csv (per-step log), loss.png, memory.png, layers.png (which layers trained when),
+and model/: the fine-tuned model (weights, config, tokenizer or image processor; LoRA merged), which --model takes.
 Results are written to a hidden folder next to --output and moved into place at the end, so a failed run
 leaves no partial results; an existing non-empty --output is refused. With --save-steps, Trainer checkpoints
 go into --output as the run goes and survive a failure; continue with --resume-from-checkpoint

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
 from tiny_bert import bypass_attention_registry, save_tiny_bert, texts, write_csv  # noqa: E402
@@ -93,6 +94,12 @@ def test_finetune_writes_metrics_log_and_plots(assets, tmp_path, capsys, method)
         assert {int(row["trainable_layers"]) for row in rows} == {expected_layers[method]}
     for plot in ("loss.png", "memory.png", "layers.png"):
         assert (output / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The fine-tuned model, without SlimFit's modules: the keys of the model it started from.
+    saved = transformers.AutoModelForSequenceClassification.from_pretrained(output / "model")
+    fresh = transformers.AutoModelForSequenceClassification.from_pretrained(assets["model"])
+    assert saved.state_dict().keys() == fresh.state_dict().keys()
+    tokenizers = [transformers.AutoTokenizer.from_pretrained(folder) for folder in (output / "model", assets["model"])]
+    assert tokenizers[0].get_vocab() == tokenizers[1].get_vocab()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no staging folder left behind
     umask = os.umask(0)
     os.umask(umask)
@@ -333,6 +340,15 @@ def test_error_while_training_is_one_line(assets, tmp_path, capsys, failing_opti
     assert list(tmp_path.iterdir()) == []
 
 
+def test_failure_while_saving_the_model_leaves_nothing(assets, tmp_path, capsys, monkeypatch):
+    def save_pretrained(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "save_pretrained", save_pretrained)
+    expect_error(capsys, finetune(assets, "--output", str(tmp_path / "o")), "OSError: disk full")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_debug_shows_the_traceback(assets, tmp_path, capsys, failing_optimizer, monkeypatch):
     monkeypatch.setenv("SLIMFIT_DEBUG", "1")
     assert cli.main(finetune(assets, "--output", str(tmp_path / "o"))) == 2
@@ -362,7 +378,7 @@ def test_resumed_run_reproduces_the_uninterrupted_one(assets, tmp_path):
     argv = finetune(assets, "--freeze-ratio", "0.5", "--gradient-accumulation-steps", "2", "--batch-size", "4")
     argv[argv.index("--max-steps") + 1] = "6"
     assert cli.main([*argv, "--save-steps", "3", "--output", str(whole)]) == 0
-    assert sorted(p.name for p in whole.iterdir() if p.is_dir()) == ["checkpoint-3", "checkpoint-6"]
+    assert sorted(p.name for p in whole.iterdir() if p.is_dir()) == ["checkpoint-3", "checkpoint-6", "model"]
     moved = tmp_path / "elsewhere" / "checkpoint-3"
     shutil.copytree(whole / "checkpoint-3", moved)  # resuming must not depend on where the checkpoint lies
     resumed = tmp_path / "resumed"
@@ -380,6 +396,8 @@ def test_resumed_run_reproduces_the_uninterrupted_one(assets, tmp_path):
         assert after["trainable_layers"] == before["trainable_layers"]
     first, second = (json.loads((f / "metrics.json").read_text()) for f in (whole, resumed))
     assert second["accuracy"] == first["accuracy"] and second["f1"] == pytest.approx(first["f1"], rel=1e-9)
+    weights = [load_file(folder / "model" / "model.safetensors") for folder in (whole, resumed)]
+    torch.testing.assert_close(weights[1], weights[0])
 
 
 def test_resume_from_something_that_is_not_a_checkpoint(assets, tmp_path, capsys):

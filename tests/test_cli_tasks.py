@@ -110,6 +110,60 @@ def test_image_classification(assets, tmp_path):
     assert metrics["memory"]["activations"] > 0
 
 
+@pytest.mark.parametrize("method", ["slimfit", "lora"])
+def test_finetune_saves_the_trained_model(assets, tmp_path, monkeypatch, method):
+    """model/ is a plain model folder (SlimFit removed, LoRA merged) with the trained model's logits, and a later
+    run takes it as --model."""
+    import torch
+
+    from slimfit.finetune import report
+
+    pixels = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    trained = {}
+    save = report.save_model
+
+    def save_and_remember(model, processor, folder):
+        model.eval()
+        with torch.no_grad():
+            trained["logits"] = model(pixel_values=pixels).logits
+        save(model, processor, folder)
+
+    monkeypatch.setattr(report, "save_model", save_and_remember)
+    images = ["--data", str(assets["images"])]
+    run(["finetune", "--model", str(assets["vit"]), *images, "--method", method], tmp_path / "run")
+    folder = tmp_path / "run" / "model"
+    saved = transformers.AutoModelForImageClassification.from_pretrained(folder).eval()
+    fresh = transformers.AutoModelForImageClassification.from_pretrained(assets["vit"])
+    assert saved.state_dict().keys() == fresh.state_dict().keys()
+    assert saved.config.id2label == {0: "cat", 1: "dog", 2: "owl"}
+    with torch.no_grad():
+        torch.testing.assert_close(saved(pixel_values=pixels).logits, trained["logits"])
+    assert type(transformers.AutoImageProcessor.from_pretrained(folder)).__name__.startswith("ViTImageProcessor")
+    metrics = run(["finetune", "--model", str(folder), *images, "--method", "full"], tmp_path / "again")
+    assert metrics["config"]["model"] == str(folder)
+
+
+def test_saved_head_is_kept_for_its_classes_only(assets, tmp_path):
+    """A model saved by `slimfit finetune` keeps its head on the same classes and gets a new one on others (of the
+    same number, which ignore_mismatched_sizes would not re-initialise)."""
+    import torch
+
+    from slimfit import tasks
+
+    run(["finetune", "--model", str(assets["vit"]), "--data", str(assets["images"])], tmp_path / "run")
+    folder = tmp_path / "run" / "model"
+    head = transformers.AutoModelForImageClassification.from_pretrained(folder).classifier.weight
+    others = write_classes(tmp_path / "others", {"ant": 4, "bee": 4, "cow": 4})
+
+    def built_head(data: Path) -> torch.Tensor:
+        config = dataclasses.replace(FinetuneConfig(), model=str(folder), data=str(data), eval_fraction=0.5)
+        return tasks.prepare(config)[1].build_model().classifier.weight
+
+    torch.testing.assert_close(built_head(assets["images"]), head)
+    new = built_head(others)
+    assert not torch.allclose(new, head) and 0.01 < float(new.detach().std()) < 0.03  # initializer_range 0.02
+
+
 def test_bench_reports_the_tasks_metrics(assets, tmp_path):
     argv = ["bench", "--model", str(assets["encoder"]), "--data", str(assets["regression"]), "--label-column", "score"]
     assert cli.main([*argv, "--methods", "slimfit", *SHORT, "--output", str(tmp_path / "bench")]) == 0
@@ -193,6 +247,7 @@ def test_torchrun_two_processes_report_once(assets, tmp_path):
     assert process.stdout.count("task classification, model") == 1
     assert process.stdout.count("wrote metrics.json") == 1
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 3
+    assert (tmp_path / "run" / "model" / "config.json").is_file()
 
 
 def test_decoder_model_classifies_with_eos_as_padding(assets, tmp_path):

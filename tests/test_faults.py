@@ -118,8 +118,8 @@ def test_zero_valued_weights_in_a_compressed_bert_score_finite(metric):
 # ---------------------------------------------------------------------------------------------- atomic writes
 
 # Files `slimfit finetune` writes into its output folder, in this order (metrics and the step log at once; each plot
-# takes ~0.1-0.7 s to draw, so the whole write spans about a second).
-OUTPUT_FILES = ("metrics.json", "steps.csv", "loss.png", "memory.png", "layers.png")
+# takes ~0.1-0.7 s to draw, so the whole write spans about a second; then the model folder).
+OUTPUT_FILES = ("metrics.json", "steps.csv", "loss.png", "memory.png", "layers.png", "model")
 
 
 @pytest.fixture(scope="module")

@@ -240,6 +240,13 @@ def run(
     Checkpoints (``config.save_steps``) are written into ``output``; ``config.resume_from_checkpoint`` continues
     from one. Without checkpoints the Trainer works in a temporary folder that is removed afterwards.
     """
+    return train(config, task, output, progress, simulate)[0]
+
+
+def train(
+    config: FinetuneConfig, task: Task, output: Path | None = None, progress: bool = True, simulate: bool = False
+) -> tuple[RunResult, nn.Module]:
+    """:func:`run`, and the trained model (SlimFit removed from it; LoRA's adapters still in place)."""
     from transformers import set_seed
 
     from slimfit.integrations.hf import SlimFitCallback
@@ -293,7 +300,7 @@ def run(
     timed = [row["seconds"] for row in recorder.step_log if not row["metered"]]
     timed = timed or [row["seconds"] for row in recorder.step_log]
     scheduled = config.method in SCHEDULED_METHODS
-    return RunResult(
+    result = RunResult(
         task=task.name,
         method=config.method,
         freeze_ratio=config.freeze_ratio if scheduled else None,
@@ -311,3 +318,4 @@ def run(
         schedule=recorder.schedule,
         uncompressed_modules=(recorder.uncompressed or []) if config.method == "slimfit" else None,
     )
+    return result, trainer.model

@@ -19,12 +19,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from slimfit.data import DataError
 from slimfit.finetune.options import BUNDLED_DATA, FinetuneConfig
 
 # activation_bytes is empty on the steps the memory meter did not watch (metered False: the timed ones).
 STEP_LOG_FIELDS = ("step", "epoch", "loss", "lr", "seconds", "trainable_layers", "activation_bytes", "metered")
-RESULT_FILES = ("metrics.json", "steps.csv", "loss.png", "memory.png", "layers.png")
+MODEL_FOLDER = "model"  # the fine-tuned model, a plain Hugging Face model folder (see save_model)
+RUN_FILES = ("metrics.json", "steps.csv", "loss.png", "memory.png", "layers.png")  # write_run's
+RESULT_FILES = (*RUN_FILES, MODEL_FOLDER)  # what `slimfit finetune` leaves in --output
 _CHECKPOINT = re.compile(r"checkpoint-\d+")
 
 
@@ -155,6 +159,16 @@ def write_run(result: RunResult, config: FinetuneConfig, folder: Path, task: Any
         bars["full fine-tuning (predicted)"] = result.full_estimate
     plots.memory_bars(bars, folder / "memory.png", title="Peak memory by category")
     plots.layer_heatmap(result.layers, result.schedule, folder / "layers.png", title=f"{result.method}: layers trained")
+
+
+def save_model(model: nn.Module, processor: Any, folder: Path) -> None:
+    """The trained model as a Hugging Face model folder that ``--model`` takes: ``save_pretrained`` weights and
+    config, and the tokenizer or image processor. LoRA's adapters are merged into the weights (peft's
+    ``merge_and_unload``, which changes ``model`` in place), so the folder holds the plain model."""
+    if hasattr(model, "merge_and_unload"):  # a peft model
+        model = model.merge_and_unload()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
 
 
 def refuse_existing_output(target: Path, checkpoints_allowed: bool = False) -> None:

@@ -90,18 +90,29 @@ class ImageClassificationTask(Task):
     )
 
     def build_model(self) -> nn.Module:
-        from transformers import AutoModelForImageClassification
+        from transformers import AutoConfig, AutoModelForImageClassification
 
         names = self.label_names or []
         # A head sized for another label count is re-initialised (ignore_mismatched_sizes); its load report is noise.
         with quiet_transformers():
-            return AutoModelForImageClassification.from_pretrained(
+            saved = AutoConfig.from_pretrained(self.model_path)
+            model = AutoModelForImageClassification.from_pretrained(
                 self.model_path,
                 num_labels=len(names),
                 id2label=dict(enumerate(names)),
                 label2id={name: i for i, name in enumerate(names)},
                 ignore_mismatched_sizes=True,
             )
+        if saved.num_labels == len(names) and list(saved.id2label.values()) != names:
+            # A head of the right size trained for other classes (e.g. a model fine-tuned by `slimfit finetune` on
+            # other data) is new too, initialised as transformers initialises a mismatched one: by clearing the
+            # flags that mark its weights as loaded.
+            heads = [module for name, module in model.named_children() if name in self.head_modules]
+            for head in heads:
+                for tensor in [*head.modules(), *head.parameters()]:
+                    tensor._is_hf_initialized = False
+            model.initialize_weights()
+        return model
 
     def compute_metrics(self, predictions: np.ndarray | tuple[np.ndarray, ...], label_ids: Any) -> dict[str, float]:
         # DeiT with a teacher returns averaged, class-token and distillation logits; the first are the prediction.
