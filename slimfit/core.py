@@ -10,9 +10,11 @@ One iteration of the user's loop (the only two lines SlimFit adds are the constr
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -85,6 +87,10 @@ class SlimFit:
             with the values gathered to score them takes at most 1% of the layer's bytes (tiny layers such as
             LayerNorm weights are copied whole); ``"exact"`` copies every trained layer whole before the step.
             See :mod:`slimfit.scoring` for the sample and its measured error.
+        always_train: names of modules (as in ``model.named_modules()``) whose parameters train at every step and
+            are not scheduled, e.g. a freshly initialised classification head: scheduled with the rest, a new head
+            trains in one step of ``N / K`` and the pretrained body learns against a head that barely moves.
+            ``N`` and ``K`` count the scheduled layers only.
 
     Under ``torch.distributed`` (world size > 1) every rank of ``process_group`` must construct SlimFit and call
     :meth:`step` together: the group's first rank's seed and scores decide, so all ranks train the same layers
@@ -114,6 +120,7 @@ class SlimFit:
         seed: int | None = None,
         process_group: torch.distributed.ProcessGroup | None = None,
         scoring: str = "sampled",
+        always_train: Sequence[str] = (),
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -144,6 +151,14 @@ class SlimFit:
         self.stats = SlimFitStats()
 
         split = split_parameters(self.model)
+        always = _always_trained(self.model, always_train)
+        # Layer names (as in layer_names) of what always trains, for reports of which layers trained when.
+        self.always_trained: list[str] = [layer.name for layer in split.layers if layer.name in always]
+        split = dataclasses.replace(
+            split,
+            layers=tuple(layer for layer in split.layers if layer.name not in always),
+            auxiliary=tuple((name, p) for name, p in split.auxiliary if name not in always),
+        )
         if not split.layers:
             raise ValueError(
                 f"model ({type(self.model).__name__}) has no candidate layers: SlimFit schedules parameters that "
@@ -152,6 +167,7 @@ class SlimFit:
         trained = [(layer.name, layer.param) for layer in split.layers] + (
             list(split.auxiliary) if train_biases else []
         )
+        trained += [(name, p) for name, p in self.model.named_parameters() if name in always]
         _check_optimizer_holds(optimizer, trained)
         # A layer whose group never moves (base rate 0) would keep one of the K slots forever: not scheduled.
         base_rate = {
@@ -183,6 +199,9 @@ class SlimFit:
         self._original_requires_grad = {name: p.requires_grad for name, p in self.model.named_parameters()}
         for _, p in split.auxiliary:
             p.requires_grad_(train_biases)
+        for name, p in self.model.named_parameters():
+            if name in always:
+                p.requires_grad_(True)
         for p in unscheduled:
             p.requires_grad_(False)
         self._trainable: list[int] = []
@@ -441,6 +460,17 @@ def _as_rate(value: Any) -> float | None:
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
     return None
+
+
+def _always_trained(model: nn.Module, modules: Sequence[str]) -> set[str]:
+    """Names of the parameters of ``modules`` (module names of ``model``); an unknown name is a ValueError."""
+    if isinstance(modules, str):
+        raise ValueError(f"always_train must be a sequence of module names, got the string {modules!r}")
+    found = dict(model.named_modules())
+    unknown = [name for name in modules if name not in found or not name]
+    if unknown:
+        raise ValueError(f"always_train: {unknown[0]!r} is not a module of {type(model).__name__}")
+    return {f"{name}.{p}" for name in modules for p, _ in found[name].named_parameters()}
 
 
 def _check_freeze_ratio(freeze_ratio: Any) -> None:

@@ -437,3 +437,28 @@ def test_logged_loss_is_the_steps_loss_with_gradient_accumulation(assets, tmp_pa
     whole = first_loss(tmp_path / "a", "--batch-size", "8")
     accumulated = first_loss(tmp_path / "b", "--batch-size", "4", "--gradient-accumulation-steps", "2")
     assert accumulated == pytest.approx(whole, rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["slimfit", "freeze-only"])
+def test_new_head_trains_at_every_step_and_the_rest_is_scheduled(assets, method):
+    from slimfit import tasks
+    from slimfit.finetune import loop
+
+    config = FinetuneConfig(
+        model=str(assets["model"]),
+        data=str(assets["csv"]),
+        text_column="body",
+        label_column="topic",
+        batch_size=8,
+        max_steps=6,
+        max_length=16,
+        method=method,
+        freeze_ratio=0.8,
+    )
+    config, task = tasks.prepare(config)
+    result = loop.run(config, task, progress=False)
+    head = result.layers.index("classifier.weight")
+    assert all(row[head] for row in result.schedule)
+    others = [[trained for i, trained in enumerate(row) if i != head] for row in result.schedule]
+    k = round(0.2 * (len(result.layers) - 1))
+    assert all(sum(row) == k for row in others) and len({tuple(row) for row in others}) > 1

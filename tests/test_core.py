@@ -596,3 +596,32 @@ def test_warm_up_from_zero_still_schedules_every_layer():
     warm_up.step()
     train(model, opt, sf, batches(1))
     assert sf.scheduler.scored.sum().item() == 11
+
+
+def test_always_trained_modules_train_every_step_and_are_not_scheduled():
+    """A new head in always_train keeps requires_grad at every step, moves at every step, and K counts the rest."""
+    model = tiny_classifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sf = SlimFit(model, opt, freeze_ratio=0.5, compression=None, always_train=["classifier"])
+    # 22 layers without the head's weight: 21 scheduled, 10 (round half to even of 10.5) train beside the head.
+    assert len(sf.layer_names) == 21 and "classifier.weight" not in sf.layer_names and sf.num_trainable == 10
+    assert sf.always_trained == ["classifier.weight"]
+    head = list(model.classifier.parameters())
+    for _ in range(4):
+        before = [p.detach().clone() for p in head]
+        train(model, opt, sf, batches(1))
+        assert all(p.requires_grad for p in head)
+        assert all(not torch.equal(b, p) for b, p in zip(before, head, strict=True))  # both moved
+        assert sum(model.get_parameter(name).requires_grad for name in sf.layer_names) == 10
+    sf.remove()
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("always_train", "message"),
+    [(["head"], "always_train: 'head' is not a module of"), ("classifier", "sequence of module names")],
+)
+def test_always_train_names_are_checked(always_train, message):
+    model = tiny_classifier()
+    with pytest.raises(ValueError, match=message):
+        SlimFit(model, torch.optim.AdamW(model.parameters()), compression=None, always_train=always_train)

@@ -96,7 +96,7 @@ class RunRecorder(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         sf = getattr(self.slimfit_callback, "slimfit", None)
-        self._trained = sf.trainable_layers() if sf is not None else self.layers
+        self._trained = sf.always_trained + sf.trainable_layers() if sf is not None else self.layers
         self.trainer.metering = self.simulate or state.global_step % 2 == 0  # global_step counts finished steps
         self._tick = time.perf_counter()
 
@@ -264,6 +264,7 @@ def train(
             compression=compression,
             optimizer_state=config.optimizer_state,
             scoring=config.scoring,
+            always_train=[name for name, _ in model.named_children() if name in task.new_head],
         )
         callbacks.append(recorder.slimfit_callback)
     callbacks.append(recorder)  # after SlimFit's: it measures the optimizer state after SlimFit moved it

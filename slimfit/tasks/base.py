@@ -60,6 +60,9 @@ class Task(ABC):
     lora_task_type: ClassVar[str | None] = None
     #: Names of the freshly initialised head modules (trained in full under LoRA).
     head_modules: ClassVar[tuple[str, ...]] = ()
+    #: Top-level modules :meth:`build_model` initialises afresh, where the model has them: they train at every step
+    #: under SlimFit (``always_train``), as they do under LoRA; a pretrained head (causal LMs) is not one.
+    new_head: ClassVar[tuple[str, ...]] = ()
     #: Whether the model's loss is normalised over the tokens of the whole optimizer step (the Trainer's
     #: ``num_items_in_batch``, as causal LMs do); otherwise the Trainer averages the micro-batch losses.
     loss_over_step_tokens: ClassVar[bool] = False

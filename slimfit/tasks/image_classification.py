@@ -88,6 +88,7 @@ class ImageClassificationTask(Task):
         "classifier_distill",
         "score",
     )
+    new_head = head_modules
 
     def build_model(self) -> nn.Module:
         from transformers import AutoConfig, AutoModelForImageClassification

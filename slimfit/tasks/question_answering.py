@@ -362,6 +362,7 @@ class QuestionAnsweringTask(Task):
     metric_names = ("f1", "exact_match", "has_answer_f1", "no_answer_accuracy")
     lora_task_type = "QUESTION_ANS"
     head_modules = ("qa_outputs",)
+    new_head = ("qa_outputs",)
 
     eval_examples: list[QAExample] = field(default_factory=list)
     eval_windows: Windows | None = None

@@ -33,12 +33,17 @@ from slimfit.tasks.base import (
     resolve_max_length,
 )
 
+# The heads AutoModelForSequenceClassification adds: `classifier` (BERT family, RoBERTa, DeBERTa, ELECTRA; DistilBERT
+# also `pre_classifier`), `score` (decoder models: Llama, GPT-2, Qwen, ...).
+SEQUENCE_HEADS = ("pre_classifier", "classifier", "score")
+
 
 @dataclass
 class TextClassificationTask(Task):
     name: ClassVar[str] = "classification"
     metric_names: ClassVar[tuple[str, ...]] = ("accuracy", "f1")
     lora_task_type: ClassVar[str | None] = "SEQ_CLS"
+    new_head: ClassVar[tuple[str, ...]] = SEQUENCE_HEADS
 
     def build_model(self) -> nn.Module:
         from transformers import AutoModelForSequenceClassification
@@ -61,6 +66,7 @@ class TextRegressionTask(Task):
     name: ClassVar[str] = "regression"
     metric_names: ClassVar[tuple[str, ...]] = ("pearson", "spearman", "mse")
     lora_task_type: ClassVar[str | None] = "SEQ_CLS"
+    new_head: ClassVar[tuple[str, ...]] = SEQUENCE_HEADS
 
     def build_model(self) -> nn.Module:
         from transformers import AutoModelForSequenceClassification
