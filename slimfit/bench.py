@@ -156,11 +156,33 @@ def summarise(rows: Sequence[Mapping[str, Any]], metric_names: Sequence[str]) ->
             entry[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
         full = np.array([row[headline] for row in rows if row["method"] == "full"], dtype=float).mean()
         entry[delta_key(headline)] = _scale(headline) * (entry[headline] - float(full))
+        low, high = paired_interval(group, [row for row in rows if row["method"] == "full"], headline)
+        entry[f"{delta_key(headline)}_ci95_low"], entry[f"{delta_key(headline)}_ci95_high"] = low, high
         numeric = [key for key in group[0] if key.startswith(("memory_", "time_ratio", "seconds_per_step"))]
         for key in numeric:
             entry[key] = float(np.mean([row[key] for row in group]))
         summary.append(entry)
     return summary
+
+
+def paired_interval(
+    runs: Sequence[Mapping[str, Any]], full: Sequence[Mapping[str, Any]], metric: str, level: float = 0.95
+) -> tuple[float, float]:
+    """Confidence interval of the mean difference to full fine-tuning of the same seed (same split, data order and
+    head initialisation), in the units of :func:`delta_key`: Student's t over the seeds' paired differences, which
+    removes the seed-to-seed variation both methods share. NaN with fewer than two seeds."""
+    from scipy import stats
+
+    reference = {row["seed"]: float(row[metric]) for row in full}
+    differences = np.array([_scale(metric) * (float(row[metric]) - reference[row["seed"]]) for row in runs])
+    if len(differences) < 2:
+        return float("nan"), float("nan")
+    low, high = (
+        stats.t.interval(level, len(differences) - 1, loc=differences.mean(), scale=stats.sem(differences))
+        if differences.std() > 0
+        else (differences.mean(), differences.mean())
+    )
+    return float(low), float(high)
 
 
 def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -202,13 +224,29 @@ def write_bench(results: Sequence[RunResult], config: FinetuneConfig, task: Task
     return summary
 
 
+def _interval(entry: Mapping[str, Any], metric: str) -> str:
+    low, high = entry[f"{delta_key(metric)}_ci95_low"], entry[f"{delta_key(metric)}_ci95_high"]
+    return "-" if np.isnan(low) else f"[{low:+.2f}, {high:+.2f}]"
+
+
 def render_summary(summary: Sequence[Mapping[str, Any]], task: Task) -> str:
     """Terminal table: the task's metrics (mean ± std, fractions x100; ↓: lower is better), saved-activation and
     total memory, time per step."""
     metrics = [name for name in task.metric_names if name in summary[0]]
     headline = metrics[0]
     names = [name + (" ↓" if name in LOWER_IS_BETTER else "") for name in metrics]
-    header = ("run", "seeds", *names, "Δ vs full", "activations", "x less", "total", "x less", "s/step")
+    header = (
+        "run",
+        "seeds",
+        *names,
+        "Δ vs full",
+        "95% CI (paired)",
+        "activations",
+        "x less",
+        "total",
+        "x less",
+        "s/step",
+    )
     lines = []
     for entry in summary:
         activations = entry.get("memory_activations", float("nan"))
@@ -219,6 +257,7 @@ def render_summary(summary: Sequence[Mapping[str, Any]], task: Task) -> str:
                 str(entry["seeds"]),
                 *(f"{_scale(name) * entry[name]:.2f} ± {_scale(name) * entry[f'{name}_std']:.2f}" for name in metrics),
                 f"{entry[delta_key(headline)]:+.2f}",
+                _interval(entry, headline),
                 human_bytes(activations),
                 f"{1 / entry['memory_ratio_activations']:.1f}" if entry.get("memory_ratio_activations") else "-",
                 human_bytes(total),

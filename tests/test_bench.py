@@ -6,6 +6,7 @@ import csv
 import json
 import os
 
+import numpy as np
 import pytest
 
 pytest.importorskip("transformers")
@@ -87,3 +88,16 @@ def test_methods_are_checked_and_full_runs_first():
     assert bench.parse_methods("full,slimfit,slimfit") == ["full", "slimfit"]
     with pytest.raises(DataError, match="unknown adam"):
         bench.parse_methods("adam,slimfit")
+
+
+def test_paired_interval_against_hand_computed_t_interval():
+    """Paired differences 1, 2 and 3 points: mean 2, standard error 1/sqrt(3), t(0.975, 2 d.f.) = 4.3027."""
+    full = [{"seed": seed, "accuracy": 0.90 + 0.01 * seed} for seed in range(3)]
+    runs = [{"seed": seed, "accuracy": 0.90 + 0.01 * seed + 0.01 * (seed + 1)} for seed in (2, 0, 1)]
+    low, high = bench.paired_interval(runs, full, "accuracy")
+    half_width = 4.302652729911275 / 3**0.5
+    assert low == pytest.approx(2 - half_width) and high == pytest.approx(2 + half_width)
+    # One seed gives no interval; identical runs a zero-width one.
+    assert all(np.isnan(v) for v in bench.paired_interval(runs[:1], full, "accuracy"))
+    same = [{"seed": s, "accuracy": 0.5} for s in range(3)]
+    assert bench.paired_interval(same, same, "accuracy") == (0.0, 0.0)
