@@ -145,9 +145,11 @@ def _estimate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"memory": memory, "config": report.config_record(config, task)}, indent=2))
     else:
+        shape = (
+            f"{config.batch_size} x {config.max_length} tokens" if config.max_length else f"{config.batch_size} images"
+        )
         print(
-            f"task {config.task}, model {task.model_name}, method {config.method}, {config.batch_size} x "
-            f"{config.max_length} tokens per forward: predicted peak memory"
+            f"task {config.task}, model {task.model_name}, method {config.method}, {shape} per forward: predicted peak"
         )
         print(report.render_memory(memory))
     return 0

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 from slimfit.finetune.options import SCHEDULED_METHODS, FinetuneConfig
 from slimfit.tasks.base import Task
@@ -53,8 +52,7 @@ def simulate(config: FinetuneConfig, task: Task) -> dict[str, int]:
         save_steps=None,
         resume_from_checkpoint=None,
     )
-    by_length = sorted(range(len(task.train_dataset)), key=lambda i: -_length(task.train_dataset[i]))
-    small = dataclasses.replace(task, train_dataset=[task.train_dataset[i] for i in by_length[:steps]])
+    small = dataclasses.replace(task, train_dataset=[task.train_dataset[i] for i in _longest(task, steps)])
     result = loop.run(simulated, small, progress=False, simulate=True)
     return {k: v for k, v in result.memory.items() if k not in ("total", "cuda_max_memory_allocated")}
 
@@ -66,14 +64,19 @@ def scale(peaks: dict[str, int], micro_batch: int) -> dict[str, int]:
     return memory
 
 
-def _length(example: dict[str, Any]) -> int:
-    ids = example.get("input_ids")
-    return len(ids) if ids is not None else 0
+def _longest(task: Task, count: int) -> list[int]:
+    """Positions of the ``count`` longest training examples (by tokens); examples without tokens (images, which
+    are decoded when read, so not all of them are) all have one size: the first ``count``."""
+    data = task.train_dataset
+    if "input_ids" not in data[0]:
+        return list(range(min(count, len(data))))
+    return sorted(range(len(data)), key=lambda i: -len(data[i]["input_ids"]))[:count]
 
 
 def _step_cap(config: FinetuneConfig) -> int:
-    """Steps the simulation may take: enough for SlimFit to score every layer (about 1 / (1 - freeze ratio) steps,
-    plus the first step of a warm-up, whose zero learning rate scores nothing), so rounding of K never cuts it."""
+    """Steps the simulation may take: room for SlimFit's warm-up (about 1 / (1 - freeze ratio) steps, plus the first
+    step of the learning-rate warm-up, whose zero rate scores nothing) twice over, so rounding of K never cuts it;
+    the simulation itself stops earlier (RunRecorder)."""
     if config.method not in SCHEDULED_METHODS:
         return 2
     return 4 * math.ceil(1.0 / (1.0 - config.freeze_ratio)) + 8
