@@ -25,6 +25,8 @@ from torch import nn
 
 __all__ = [
     "SavedTensorMeter",
+    "DecodeMeter",
+    "note_decoded",
     "measure_saved_bytes",
     "parameter_bytes",
     "gradient_bytes",
@@ -134,6 +136,52 @@ class SavedTensorMeter:
         assert self._hooks is not None
         self._hooks.__exit__(*exc)
         self._hooks = None
+
+
+class DecodeMeter:
+    """Context manager: the most bytes of compressed activations decoded at once by backward (compression
+    temporaries), which the saved-tensor meter cannot see.
+
+    slimfit's backward Functions report every tensor they decode from a code (dequantized or densified activations,
+    unpacked masks and derivative codes, the looked-up derivatives) through :func:`note_decoded`. What one
+    Function's backward decodes is alive together until it returns, so decodes are summed per backward call
+    (grouped by the autograd node running) and ``peak_bytes`` is the largest such sum. Tensors computed from them
+    (casts, products) are not counted. Meters do not nest.
+    """
+
+    def __init__(self) -> None:
+        self.peak_bytes = 0
+        self._node: object = None
+        self._current = 0
+
+    def __enter__(self) -> DecodeMeter:
+        global _DECODE_METER
+        if _DECODE_METER is not None:
+            raise RuntimeError("a DecodeMeter is already active; meters do not nest")
+        _DECODE_METER = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _DECODE_METER
+        _DECODE_METER = None
+        self._node = None
+
+    def _add(self, nbytes: int) -> None:
+        node = torch._C._current_autograd_node()
+        if node is None or node is not self._node:
+            self._node, self._current = node, 0
+        self._current += nbytes
+        self.peak_bytes = max(self.peak_bytes, self._current)
+
+
+_DECODE_METER: DecodeMeter | None = None
+
+
+def note_decoded(t: torch.Tensor) -> torch.Tensor:
+    """Report a tensor decoded in backward to the active :class:`DecodeMeter` (if any); returns ``t``."""
+    if _DECODE_METER is not None:
+        _DECODE_METER._add(_storage_nbytes(t))
+    return t
 
 
 def measure_saved_bytes(fn: Callable[[], object], exclude: nn.Module | Iterable[torch.Tensor] | None = None) -> int:

@@ -42,7 +42,7 @@ def loss_curve(step_log: Sequence[Mapping[str, Any]], path: Path, title: str) ->
     _save(fig, path)
 
 
-STACKED = ("weights", "gradients", "optimizer_state", "activations", "scoring")
+STACKED = ("weights", "gradients", "optimizer_state", "activations", "temporaries", "scoring")
 """Memory categories that add up to the device total (the others are host memory, sums or allocator peaks)."""
 
 

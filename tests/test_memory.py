@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from slimfit.memory import (
+    DecodeMeter,
     SavedTensorMeter,
     cuda_peak_bytes,
     gradient_bytes,
@@ -103,3 +104,27 @@ def test_bytes_by_category():
     if not torch.cuda.is_available():
         assert cuda_peak_bytes() is None
         assert optimizer_state_bytes(opt, device="cuda") == 0
+
+
+def test_decode_meter_counts_what_one_backward_call_decodes_at_once():
+    """Two compressed Linears: each backward decodes its 8-bit input (fp32, 4 bytes an element) and frees it on
+    return, so the peak is the larger decode, not the sum; a GELU with a 4-bit derivative code adds its uint8
+    code, int32 indices and fp32 derivative in one call."""
+    from slimfit.nn.activation import activation
+    from slimfit.nn.linear import linear
+    from slimfit.policy import DerivativeCode, Quantize
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 256, requires_grad=True)
+    w1, w2 = torch.randn(512, 256, requires_grad=True), torch.randn(64, 512, requires_grad=True)
+    with DecodeMeter() as meter:
+        linear(linear(x, w1, None, Quantize(8)), w2, None, Quantize(8)).sum().backward()
+    assert meter.peak_bytes == 4 * 16 * 512 * 4  # the second Linear's input, the larger of the two
+    with DecodeMeter() as meter:
+        activation(x, "gelu", DerivativeCode(4)).sum().backward()
+    assert meter.peak_bytes == x.numel() * (1 + 4 + 4)
+    with DecodeMeter() as meter:  # nothing compressed, nothing decoded
+        torch.nn.functional.gelu(x).sum().backward()
+    assert meter.peak_bytes == 0
+    with DecodeMeter(), pytest.raises(RuntimeError, match="do not nest"), DecodeMeter():
+        pass

@@ -10,8 +10,8 @@ first). Then:
 
 - ``weights``, ``gradients``, ``optimizer_state``, ``optimizer_state_host`` and ``scoring`` do not depend on the
   batch: they are the simulation's peaks;
-- ``activations`` (all a forward keeps for backward) are proportional to the examples in a micro-batch: the
-  simulation's peak times the micro-batch size;
+- ``activations`` (all a forward keeps for backward) and ``temporaries`` (codes decoded at once in backward) are
+  proportional to the examples in a micro-batch: the simulation's peaks times the micro-batch size;
 - ``total`` is their sum, as :class:`PeakMemory` reports it.
 
 Steps after the warm-up choose layers by score, so a long run can train a set whose gradients or saved activations
@@ -27,7 +27,7 @@ from slimfit.finetune.options import SCHEDULED_METHODS, FinetuneConfig
 from slimfit.tasks.base import Task
 
 #: Categories that grow with the examples in a micro-batch; every other one is fixed by model and method.
-PER_EXAMPLE = ("activations",)
+PER_EXAMPLE = ("activations", "temporaries")
 
 
 def estimate(config: FinetuneConfig, task: Task) -> dict[str, int]:

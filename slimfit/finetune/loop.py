@@ -48,7 +48,11 @@ class MeteredTrainer(Trainer):
         # What training_step returns is already this micro-batch's share of the step's loss (divided by the
         # accumulation steps, or by the step's token count for models taking num_items_in_batch): the shares of
         # one optimizer step add up to its loss.
-        loss = super().training_step(*args, **kwargs)
+        if self.meter is None or not self.metering:
+            loss = super().training_step(*args, **kwargs)
+        else:
+            with self.meter.backward():  # forward and backward: only backward decodes
+                loss = super().training_step(*args, **kwargs)
         self.step_losses.append(float(loss))
         return loss
 

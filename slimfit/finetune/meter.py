@@ -23,8 +23,9 @@ class PeakMemory:
     ``.grad`` total after a backward; ``optimizer_state`` the largest optimizer state on the model's device
     after a step (``optimizer_state_host`` what SlimFit offloaded to host memory, on CUDA only); ``scoring`` the
     most bytes SlimFit's update scoring held (:attr:`slimfit.SlimFit.scoring_bytes`: its snapshot across the
-    optimizer step; 0 for methods without SlimFit); ``total`` the sum of those peaks and ``weights`` (an upper
-    bound: the peaks need not coincide). On CUDA,
+    optimizer step; 0 for methods without SlimFit); ``temporaries`` the most bytes of compressed activations
+    decoded at once in backward (:class:`slimfit.memory.DecodeMeter`; 0 without compression); ``total`` the sum
+    of those peaks and ``weights`` (an upper bound: the peaks need not coincide). On CUDA,
     ``cuda_max_memory_allocated`` adds what the allocator itself saw, workspace and temporaries included.
     """
 
@@ -36,6 +37,7 @@ class PeakMemory:
         self.peaks = {"weights": memory.parameter_bytes(model), "gradients": 0, "optimizer_state": 0}
         self.peaks["activations"] = 0
         self.peaks["scoring"] = 0
+        self.peaks["temporaries"] = 0
         self.last_activation_bytes = 0
         if device.type == "cuda":
             self.peaks["optimizer_state_host"] = 0
@@ -72,6 +74,13 @@ class PeakMemory:
         self._peak("optimizer_state", on_device)
         if self.device.type == "cuda":
             self._peak("optimizer_state_host", self._memory.optimizer_state_bytes(self.optimizer) - on_device)
+
+    @contextlib.contextmanager
+    def backward(self) -> Iterator[None]:
+        """Measure the compressed activations decoded at once by the backward pass run inside."""
+        with self._memory.DecodeMeter() as meter:
+            yield
+        self._peak("temporaries", meter.peak_bytes)
 
     def _peak(self, category: str, value: int) -> None:
         self.peaks[category] = max(self.peaks[category], value)

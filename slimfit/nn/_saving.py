@@ -12,6 +12,7 @@ import torch
 
 from slimfit import ops
 from slimfit.codecs import PackedBits, QuantizedTensor, SparseTensor
+from slimfit.memory import note_decoded
 from slimfit.policy import Quantize, TopK
 
 Saved = torch.Tensor | QuantizedTensor | SparseTensor | PackedBits | None
@@ -31,9 +32,9 @@ def encode(x: torch.Tensor, setting: Quantize | TopK | None) -> torch.Tensor | Q
 def decode(saved: torch.Tensor | QuantizedTensor | SparseTensor) -> torch.Tensor:
     """The (approximate) dense tensor behind :func:`encode`'s result."""
     if isinstance(saved, QuantizedTensor):
-        return ops.dequantize(saved)
+        return note_decoded(ops.dequantize(saved))
     if isinstance(saved, SparseTensor):
-        return ops.densify(saved)
+        return note_decoded(ops.densify(saved))
     return saved
 
 

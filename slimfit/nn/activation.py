@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from slimfit import ops
+from slimfit.memory import note_decoded
 from slimfit.nn._saving import decode, encode, load, save
 from slimfit.policy import DerivativeCode, Quantize
 
@@ -160,10 +161,11 @@ class ActivationFunction(torch.autograd.Function):
         saved = load(ctx)
         if isinstance(ctx.setting, DerivativeCode):
             _, _, levels = _tables(ctx.act_name, ctx.setting.bits)
-            code = torch.zeros(grad.shape, dtype=torch.uint8, device=grad.device)
+            code = note_decoded(torch.zeros(grad.shape, dtype=torch.uint8, device=grad.device))
             for b, plane in enumerate(saved):
                 code |= ops.unpack_bits(plane).to(torch.uint8) << b
-            d = torch.tensor(levels, dtype=grad.dtype, device=grad.device)[code.long()]
+            index = note_decoded(code.int())  # int32 indices: half the bytes of int64
+            d = note_decoded(torch.tensor(levels, dtype=grad.dtype, device=grad.device)[index])
         else:
             d = ACTIVATIONS[ctx.act_name].grad(decode(saved[0]).to(grad.dtype))
         return grad * d, None, None

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from slimfit import ops
+from slimfit.memory import note_decoded
 from slimfit.nn._rng import replay, rng_state
 from slimfit.nn._saving import load, save
 
@@ -42,7 +43,7 @@ class DropoutFunction(torch.autograd.Function):
     def backward(ctx, grad):
         (saved,) = load(ctx)
         if ctx.mode == "packed":
-            mask = ops.unpack_bits(saved)
+            mask = note_decoded(ops.unpack_bits(saved))
         else:
             with replay(grad.device, saved):
                 like = torch.empty_strided(ctx.shape, ctx.stride, dtype=ctx.dtype, device=grad.device)
