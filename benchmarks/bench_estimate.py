@@ -41,7 +41,7 @@ from slimfit.finetune.options import FinetuneConfig
 from slimfit.tasks.base import default_model_path
 
 MiB = 2**20
-CATEGORIES = ("weights", "gradients", "optimizer_state", "activations", "scoring", "total")
+CATEGORIES = ("weights", "gradients", "optimizer_state", "activations", "temporaries", "scoring", "total")
 METHODS = (("full", None), ("slimfit", 0.9))
 
 
