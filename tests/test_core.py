@@ -8,22 +8,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from tiny_bert import SEQ, VOCAB, tiny_classifier
+from tiny_bert import VOCAB, batches, tiny_classifier
 from torch import nn
 
 import slimfit
 from slimfit.core import SlimFit
 from slimfit.policy import DEFAULT_POLICY, CompressionPolicy, Quantize
-
-
-def batches(n: int, batch_size: int = 32, seed: int = 1) -> list[dict[str, torch.Tensor]]:
-    """Synthetic task: is the token at position 1 in the upper half of the vocabulary?"""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, VOCAB, (batch_size, SEQ), generator=g)
-        out.append({"input_ids": ids, "labels": (ids[:, 1] >= VOCAB // 2).long()})
-    return out
 
 
 def train(model, opt, sf, data):

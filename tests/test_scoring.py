@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from tiny_bert import SEQ, VOCAB, tiny_classifier
+from tiny_bert import batches, tiny_classifier
 
 from slimfit import ops
 from slimfit.core import SlimFit
@@ -15,15 +15,6 @@ from slimfit.layers import split_parameters
 from slimfit.scoring import BUDGET, UpdateScorer, sample_size
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def batches(n: int, batch_size: int = 16, seed: int = 1) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, VOCAB, (batch_size, SEQ), generator=g)
-        out.append({"input_ids": ids, "labels": (ids[:, 1] >= VOCAB // 2).long()})
-    return out
 
 
 def train(model, opt, sf, data, between=None):
@@ -175,7 +166,7 @@ def test_smallest_half_is_the_weights_nearest_zero():
 def test_resume_under_another_seed_scores_the_same_elements():
     """The sample's seed travels in state_dict: a run resumed by a SlimFit built with another seed keeps scoring
     the same elements, so its scores (not only its trainable sets) equal the uninterrupted run's."""
-    data = batches(12)
+    data = batches(12, batch_size=16)
 
     def fresh(seed):
         torch.manual_seed(7)
@@ -201,7 +192,7 @@ def test_resume_under_another_seed_scores_the_same_elements():
 
 
 def test_same_seed_two_slimfits_same_scores():
-    data = batches(6)
+    data = batches(6, batch_size=16)
     runs = []
     for _ in range(2):
         torch.manual_seed(3)
@@ -274,7 +265,7 @@ def test_memory_report_scoring_counts_the_bytes_held(scoring, monkeypatch):
                     held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
 
     monkeypatch.setattr(ops, "update_norms", spy)
-    train(model, opt, sf, batches(6), between=snapshot_storages)
+    train(model, opt, sf, batches(6, batch_size=16), between=snapshot_storages)
     assert len(peaks) == 6
     assert sf.memory_report()["scoring"] == sf.scoring_bytes == max(peaks) > 0
 

@@ -89,3 +89,15 @@ def bypass_attention_registry(monkeypatch) -> None:
         return out.reshape(*hidden_states.shape[:-1], -1), None
 
     monkeypatch.setattr(modeling_bert.BertSelfAttention, "forward", direct_sdpa)
+
+
+def batches(n: int, batch_size: int = 32, seed: int = 1) -> list[dict]:
+    """Synthetic task for :func:`tiny_classifier`: is the token at position 1 in the upper half of the vocabulary?"""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, VOCAB, (batch_size, SEQ), generator=g)
+        out.append({"input_ids": ids, "labels": (ids[:, 1] >= VOCAB // 2).long()})
+    return out
