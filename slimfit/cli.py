@@ -353,8 +353,9 @@ def _add_training_options(parser: argparse.ArgumentParser, with_checkpoints: boo
         "--scoring",
         choices=SCORING,
         default=default("scoring"),
-        help="freeze-only and slimfit: score each trained layer's update on a sample of its weights (at most 1%% of "
-        "its bytes) or on a full copy (exact) (default: %(default)s)",
+        help="freeze-only and slimfit: score each trained layer's update exactly from AdamW's moments, without a "
+        "copy (auto, exact), or on a sample of its weights (sampled: at most 1%% of its bytes); where the optimizer "
+        "is not Adam/AdamW, auto samples and exact copies (default: %(default)s)",
     )
     if with_checkpoints:
         train.add_argument(

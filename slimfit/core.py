@@ -23,12 +23,12 @@ from torch import nn
 
 from slimfit.distributed import broadcast_indices, check_process_group, is_distributed, source_rank
 from slimfit.layers import Layer, reject_sharded_parameters, split_parameters, unwrap_model
-from slimfit.memory import measure_saved_bytes
+from slimfit.memory import DecodeMeter, SavedTensorMeter
 from slimfit.models import PatchHandle, patch
 from slimfit.optim_state import OPTIMIZER_STATE_POLICIES, OptimizerStateManager
 from slimfit.policy import DEFAULT_POLICY, CompressionPolicy
 from slimfit.scheduler import InterLayerScheduler
-from slimfit.scoring import UpdateScorer
+from slimfit.scoring import UpdateScorer, as_number
 
 METRICS = ("rel_l2", "rel_l1_mean")
 _STATE_FORMAT = 1
@@ -83,10 +83,12 @@ class SlimFit:
             under ``torch.manual_seed``.
         process_group: the ``torch.distributed`` group whose ranks train this model together (the group given
             to DDP); ``None`` is the whole job. Its first rank's seed and scores decide for all its members.
-        scoring: ``"sampled"`` (default) scores each trained layer's update on a sample of its elements, which
-            with the values gathered to score them takes at most 1% of the layer's bytes (tiny layers such as
-            LayerNorm weights are copied whole); ``"exact"`` copies every trained layer whole before the step.
-            See :mod:`slimfit.scoring` for the sample and its measured error.
+        scoring: ``"auto"`` (default) scores the update of each layer a ``torch.optim.Adam``/``AdamW`` steps
+            exactly from the optimizer's moments, with no copy of the weights (float32/float64 layers), and other
+            layers on a sample of their elements which, with the values gathered to score them, takes at most 1%
+            of the layer's bytes (tiny layers such as LayerNorm weights are copied whole); ``"exact"`` copies the
+            layers ``"auto"`` would sample whole before the step; ``"sampled"`` samples every layer. See
+            :mod:`slimfit.scoring` for both ways and the sample's measured error.
         always_train: names of modules (as in ``model.named_modules()``) whose parameters train at every step and
             are not scheduled, e.g. a freshly initialised classification head: scheduled with the rest, a new head
             trains in one step of ``N / K`` and the pretrained body learns against a head that barely moves.
@@ -119,7 +121,7 @@ class SlimFit:
         train_biases: bool = True,
         seed: int | None = None,
         process_group: torch.distributed.ProcessGroup | None = None,
-        scoring: str = "sampled",
+        scoring: str = "auto",
         always_train: Sequence[str] = (),
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -171,7 +173,7 @@ class SlimFit:
         _check_optimizer_holds(optimizer, trained)
         # A layer whose group never moves (base rate 0) would keep one of the K slots forever: not scheduled.
         base_rate = {
-            id(p): _as_rate(group.get("initial_lr", group.get("lr")))
+            id(p): as_number(group.get("initial_lr", group.get("lr")))
             for group in optimizer.param_groups
             for p in group["params"]
         }
@@ -191,7 +193,8 @@ class SlimFit:
         (seed,) = broadcast_indices([torch.initial_seed() if seed is None else seed], process_group)
         generator = torch.Generator().manual_seed(seed)
         self.scheduler = InterLayerScheduler(len(self.layers), self.num_trainable, generator)
-        self._scorer = UpdateScorer([layer.param for layer in self.layers], metric, scoring, seed)  # checks scoring
+        params = [layer.param for layer in self.layers]
+        self._scorer = UpdateScorer(params, metric, scoring, seed, optimizer)  # checks scoring
         self._state = OptimizerStateManager(optimizer, optimizer_state)
 
         # Everything above only checks; from here on the model changes (patching first: it may refuse).
@@ -269,11 +272,11 @@ class SlimFit:
                 stacklevel=3,
             )
         self._stepped = True
-        # Keep the first snapshot if the optimizer steps twice between sf.step() calls: the score then
-        # covers the whole change. With K == N there is nothing to choose, so nothing to copy.
+        # Keep the first snapshot if the optimizer steps twice between sf.step() calls: a copied or sampled
+        # layer's score then covers the whole change. With K == N there is nothing to choose, so nothing to copy.
         if not self._scorer.holding and self.num_trainable < len(self.layers):
             rate_of = {
-                id(p): _as_rate(group.get("lr")) for group in self.optimizer.param_groups for p in group["params"]
+                id(p): as_number(group.get("lr")) for group in self.optimizer.param_groups for p in group["params"]
             }
             self._scorer.snapshot(self._trainable, [rate_of[id(self.layers[i].param)] for i in self._trainable])
 
@@ -366,7 +369,8 @@ class SlimFit:
     def scoring_bytes(self) -> int:
         """The most bytes scoring has held at once since construction: the snapshot taken before an optimizer
         step (sampled values and their int64 positions, or whole copies) plus the values gathered after it to
-        score them. It lives from ``optimizer.step()`` to :meth:`step`, hence a peak rather than a current value."""
+        score them, or the blocks rebuilt from Adam's moments after it. It lives from ``optimizer.step()`` to
+        :meth:`step`, hence a peak rather than a current value."""
         return self._scorer.peak_bytes
 
     def memory_report(self, inputs: Any = None) -> dict[str, int]:
@@ -381,8 +385,12 @@ class SlimFit:
 
         With ``inputs`` (a dict of keyword arguments, a tuple of positional ones, or a single tensor for the
         model), also ``saved_activations``: the bytes the autograd graph holds for backward after one forward
-        pass on them with the current trainable set, measured by :class:`slimfit.memory.SavedTensorMeter`.
-        That forward runs in train mode on a forked RNG, so it leaves the training run's random stream alone.
+        pass on them with the current trainable set, measured by :class:`slimfit.memory.SavedTensorMeter`, and
+        ``temporaries``: the most bytes of compressed activations that one backward Function decodes at once
+        when that graph is differentiated (:class:`slimfit.memory.DecodeMeter`; 0 without compression). The
+        backward differentiates the output's ``loss`` where it has one, else the sum of its first floating
+        tensor, with ``torch.autograd.grad``: no ``.grad`` changes. The pass runs in train mode on a forked RNG,
+        so it leaves the training run's random stream alone.
         """
         self._state.synchronize()
         params = list(self.model.parameters())
@@ -396,14 +404,16 @@ class SlimFit:
             "scoring": self.scoring_bytes,
         }
         if inputs is not None:
-            report["saved_activations"] = self._measure_saved_bytes(inputs)
+            report["saved_activations"], report["temporaries"] = self._measure_forward_backward(inputs)
         report["uncompressed_modules"] = len(self.uncompressed_modules)
         devices = {p.device for p in params if p.device.type == "cuda"}
         if devices:
             report["cuda_max_memory_allocated"] = sum(torch.cuda.max_memory_allocated(d) for d in devices)
         return report
 
-    def _measure_saved_bytes(self, inputs: Any) -> int:
+    def _measure_forward_backward(self, inputs: Any) -> tuple[int, int]:
+        """Saved activation bytes after a forward on ``inputs``, and the backward's compression temporaries."""
+
         def forward() -> Any:
             if isinstance(inputs, dict):
                 return self.model(**inputs)
@@ -416,7 +426,15 @@ class SlimFit:
         try:
             with torch.random.fork_rng(devices=sorted({d.index or 0 for d in accelerated}), device_type=device_type):
                 self.model.train()
-                return measure_saved_bytes(forward, exclude=self.model)
+                with SavedTensorMeter(exclude=self.model) as saved:
+                    output = forward()
+                saved_bytes = saved.live_bytes
+                target = _differentiable_scalar(output)
+                trainable = [p for p in self.model.parameters() if p.requires_grad]
+                with DecodeMeter() as decoded:
+                    if target is not None and trainable:
+                        torch.autograd.grad(target, trainable, allow_unused=True)
+                return saved_bytes, decoded.peak_bytes
         finally:
             self.model.train(was_training)
 
@@ -453,12 +471,21 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _as_rate(value: Any) -> float | None:
-    """A parameter group's learning rate as a float; None where it is not a number (Adafactor: ``lr=None``)."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:  # torch optimizers accept a tensor lr
-        return float(value)
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return float(value)
+def _differentiable_scalar(output: Any) -> torch.Tensor | None:
+    """What to differentiate in a model's output: its ``loss`` if set, else the sum of its first floating tensor
+    that requires grad (tuples, lists, dicts and ``ModelOutput`` searched in order); None if there is none."""
+    loss = getattr(output, "loss", None)
+    if isinstance(loss, torch.Tensor) and loss.requires_grad:
+        return loss.sum()
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else [output]
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and value.requires_grad:
+                return value.float().sum()
+        elif isinstance(value, (tuple, list, dict)):
+            found = _differentiable_scalar(value)
+            if found is not None:
+                return found
     return None
 
 

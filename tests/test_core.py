@@ -202,7 +202,7 @@ def test_bad_freeze_ratio(value):
         ({"optimizer_state": "cpu"}, r"optimizer_state must be one of \['keep', 'drop', 'offload'\], got 'cpu'"),
         ({"train_biases": 1}, "train_biases must be a bool"),
         ({"seed": 1.5}, "seed must be an int or None"),
-        ({"scoring": "approx"}, r"scoring must be one of \['sampled', 'exact'\], got 'approx'"),
+        ({"scoring": "approx"}, r"scoring must be one of \['auto', 'exact', 'sampled'\], got 'approx'"),
     ],
 )
 def test_bad_options(kwargs, match):
@@ -441,6 +441,26 @@ def test_memory_report_measures_saved_activations_without_touching_the_rng():
         assert not model.training  # restored after the train-mode forward
         assert torch.equal(torch.get_rng_state(), rng)
     assert 0 < measured["compressed"] < measured["exact"]
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_memory_report_temporaries_equal_a_training_backward(labelled):
+    """memory_report's temporaries are what a real backward of the same batch decodes at once (measured here
+    around loss.backward()), 0 without compression, and the report changes no gradient."""
+    from slimfit.memory import DecodeMeter
+
+    batch = batches(1)[0] if labelled else {"input_ids": batches(1)[0]["input_ids"]}
+    for compression in (CompressionPolicy(), None):
+        torch.manual_seed(0)
+        model = tiny_classifier()
+        sf = SlimFit(model, torch.optim.AdamW(model.parameters(), lr=1e-3), freeze_ratio=0.5, compression=compression)
+        report = sf.memory_report(batch)
+        assert all(p.grad is None for p in model.parameters())
+        with DecodeMeter() as meter:
+            output = model(**batch)
+            (output.loss if labelled else output.logits.sum()).backward()
+        assert report["temporaries"] == meter.peak_bytes
+        assert (report["temporaries"] > 0) == (compression is not None)
 
 
 def test_ddp_wrapped_model(tmp_path):

@@ -1,15 +1,19 @@
-"""slimfit.scoring: sampled update scores against exact ones, fixed seeded samples, and every byte they hold."""
+"""slimfit.scoring: scores rebuilt from Adam's moments and sampled scores against scores of whole copies, fixed
+seeded samples, and every byte they hold."""
 
 from __future__ import annotations
 
 import copy
 import os
+import weakref
 
 import pytest
 import torch
 from tiny_bert import batches, tiny_classifier
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
-from slimfit import ops
+from slimfit import ops, scoring
 from slimfit.core import SlimFit
 from slimfit.layers import split_parameters
 from slimfit.scoring import BUDGET, UpdateScorer, sample_size
@@ -118,6 +122,131 @@ def _uniform_sample(params, scorer):
     return positions, [torch.take(p.detach(), i) for p, i in zip(params, positions, strict=True)]
 
 
+# ---------------------------------------------------------------------------------------------- rebuilt from Adam
+
+ADAM_SETTINGS = {
+    "adamw": (torch.optim.AdamW, {"weight_decay": 0.01}),
+    "adamw-amsgrad": (torch.optim.AdamW, {"weight_decay": 0.1, "amsgrad": True}),
+    "adamw-maximize-single-tensor": (torch.optim.AdamW, {"maximize": True, "foreach": False}),
+    "adamw-tensor-lr-betas": (torch.optim.AdamW, {"lr": torch.tensor(3e-3), "betas": (torch.tensor(0.8), torch.tensor(0.99))}),
+    "adam-coupled-decay": (torch.optim.Adam, {"weight_decay": 0.1}),
+    "adam-decoupled-decay": (torch.optim.Adam, {"weight_decay": 0.1, "decoupled_weight_decay": True}),
+}
+
+
+@pytest.mark.parametrize("metric", ["rel_l1_mean", "rel_l2"])
+@pytest.mark.parametrize("setting", sorted(ADAM_SETTINGS))
+def test_scores_rebuilt_from_adam_equal_scores_of_copies(setting, metric):
+    """Every option of torch's Adam/AdamW; a layer without a gradient at a step; the rate changed after the step
+    (an LR scheduler's step comes before sf.step()): each layer's score equals the one from a whole copy."""
+    cls, options = ADAM_SETTINGS[setting]
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in [(300, 200), (1000,), (50, 50, 4)]]
+    opt = cls(params, **{"lr": 3e-3, **options})
+    copied = UpdateScorer(params, metric, "exact")  # no optimizer: whole copies
+    rebuilt = UpdateScorer(params, metric, "auto", optimizer=opt)
+    layers = [0, 1, 2]
+    for step in range(4):
+        for i, p in enumerate(params):
+            p.grad = None if (step, i) == (2, 1) else torch.randn_like(p)
+        rates = [float(opt.param_groups[0]["lr"])] * len(layers)
+        copied.snapshot(layers, rates)
+        rebuilt.snapshot(layers, rates)
+        assert rebuilt.held_bytes == 0
+        opt.step()
+        opt.param_groups[0]["lr"] = opt.param_groups[0]["lr"] * 0.5
+        (_, want), (_, got) = copied.score(), rebuilt.score()
+        for layer in layers:
+            assert got[layer].item() == pytest.approx(want[layer].item(), rel=1e-4, abs=0.0), (step, layer)
+        if step == 2:
+            assert got[1].item() == want[1].item() == 0.0
+
+
+def test_only_adam_steps_on_float_weights_are_rebuilt():
+    weight = torch.nn.Parameter(torch.randn(400, 400))
+    half = torch.nn.Parameter(torch.randn(400, 400, dtype=torch.bfloat16))
+
+    class MyAdamW(torch.optim.AdamW):  # a subclass may step differently
+        pass
+
+    def taken(mode, opt, param):
+        scorer = UpdateScorer([param], "rel_l2", mode, optimizer=opt)
+        scorer.snapshot([0], [1e-3])
+        return scorer._snapshot[0]
+
+    assert taken("auto", torch.optim.AdamW([weight]), weight).adam is not None
+    assert taken("exact", torch.optim.AdamW([weight]), weight).adam is not None
+    assert taken("sampled", torch.optim.AdamW([weight]), weight).positions is not None
+    for opt, param in [
+        (torch.optim.SGD([weight], lr=0.1), weight),
+        (MyAdamW([weight]), weight),
+        (torch.optim.AdamW([half]), half),
+        (None, weight),
+    ]:
+        auto, exact = taken("auto", opt, param), taken("exact", opt, param)
+        assert auto.adam is None and auto.positions is not None  # sampled
+        assert exact.adam is None and exact.positions is None and exact.before.numel() == param.numel()  # copied
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("metric", ["rel_l1_mean", "rel_l2"])
+def test_rebuilt_scores_choose_the_same_layers_as_copies(metric, monkeypatch):
+    """Two runs from the same start, one scoring from Adam's moments (the default) and one from whole copies:
+    the same trainable set at every step, and scores equal to float32 rounding."""
+    data = batches(40, batch_size=8)
+    runs = []
+    for adams in (scoring._ADAMS, ()):
+        monkeypatch.setattr(scoring, "_ADAMS", adams)  # () : "exact" copies
+        torch.manual_seed(11)
+        model = tiny_classifier()
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        sf = SlimFit(model, opt, freeze_ratio=0.8, compression=None, scoring="exact", metric=metric, seed=5)
+        runs.append((train(model, opt, sf, data), sf.scheduler.scores.clone(), sf.scoring_bytes))
+    (rebuilt_sets, rebuilt_scores, rebuilt_bytes), (copied_sets, copied_scores, copied_bytes) = runs
+    assert rebuilt_sets == copied_sets
+    torch.testing.assert_close(rebuilt_scores, copied_scores, rtol=1e-4, atol=0.0)
+    assert 0 < rebuilt_bytes < copied_bytes
+
+
+class _LiveStorages(TorchDispatchMode):
+    """Peak bytes of the storages that ops run inside it create, while they are alive (weakly tracked)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t)}
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            storage = t.untyped_storage() if torch.is_tensor(t) else None
+            if storage is not None and storage.data_ptr() not in inputs | self.live.keys():
+                self.live[storage.data_ptr()] = storage.nbytes()
+                weakref.finalize(storage, self.live.pop, storage.data_ptr(), None)
+        self.peak = max(self.peak, sum(self.live.values()))
+        return out
+
+
+@pytest.mark.parametrize("metric", ["rel_l1_mean", "rel_l2"])
+def test_rebuilt_scoring_temporaries_measured_within_budget(metric):
+    """What scoring from Adam's moments allocates, measured op by op: at most 1% of the layers' bytes, and what
+    ``peak_bytes`` reports (besides two float64 accumulators and a block's sum)."""
+    shapes = SHAPES[torch.float32]
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    scorer = UpdateScorer(params, metric, optimizer=opt)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    scorer.snapshot(list(range(len(params))), [1e-3] * len(params))
+    opt.step()
+    with _LiveStorages() as measured:
+        scorer.score()
+    layers_bytes = sum(p.numel() * p.element_size() for p in params)
+    assert measured.peak - 3 * 8 <= scorer.peak_bytes <= BUDGET * layers_bytes
+    assert scorer.peak_bytes >= measured.peak - 3 * 8 > 0.5 * BUDGET * layers_bytes  # blocks as large as allowed
+
+
 # ---------------------------------------------------------------------------------------------- the sample
 
 
@@ -172,7 +301,7 @@ def test_resume_under_another_seed_scores_the_same_elements():
         torch.manual_seed(7)
         model = tiny_classifier()
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        return model, opt, SlimFit(model, opt, freeze_ratio=0.5, compression=None, seed=seed)
+        return model, opt, SlimFit(model, opt, freeze_ratio=0.5, compression=None, seed=seed, scoring="sampled")
 
     model, opt, sf = fresh(1)
     ref_sets = train(model, opt, sf, data)
@@ -198,7 +327,7 @@ def test_same_seed_two_slimfits_same_scores():
         torch.manual_seed(3)
         model = tiny_classifier()
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        sf = SlimFit(model, opt, freeze_ratio=0.5, compression=None, seed=4)
+        sf = SlimFit(model, opt, freeze_ratio=0.5, compression=None, seed=4, scoring="sampled")
         runs.append((train(model, opt, sf, data), sf.scheduler.scores.clone()))
     assert runs[0][0] == runs[1][0] and torch.equal(runs[0][1], runs[1][1])
 
@@ -245,7 +374,7 @@ def test_memory_report_scoring_counts_the_bytes_held(scoring, monkeypatch):
     model's, counted here step by step: their largest total is what SlimFit reports."""
     torch.manual_seed(0)
     model = tiny_classifier()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # not an Adam: nothing is rebuilt
     sf = SlimFit(model, opt, freeze_ratio=0.5, compression=None, scoring=scoring)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     held: dict[int, int] = {}

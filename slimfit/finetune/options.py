@@ -19,9 +19,9 @@ SCHEDULED_METHODS = ("freeze-only", "slimfit")
 COMPRESSION_BITS = (8, 4, 2)
 """Code widths of slimfit's quantized activations (--compression-bits)."""
 OPTIMIZER_STATE = ("offload", "keep", "drop")
+"""Where a frozen layer's optimizer state stays (slimfit.optim_state): first the default."""
 SCORING = SCORING_MODES
 """How a trained layer's update is scored (slimfit.scoring): first the default."""
-"""Where a frozen layer's optimizer state stays (slimfit.optim_state): first the default."""
 TASKS = ("classification", "regression", "question-answering", "image-classification", "causal-lm")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -72,7 +72,7 @@ class FinetuneConfig:
     bf16: bool = False
     compression_bits: int = 8  # slimfit: bits of every quantized activation (COMPRESSION_BITS)
     optimizer_state: str = "offload"  # freeze-only and slimfit: OPTIMIZER_STATE
-    scoring: str = "sampled"  # freeze-only and slimfit: slimfit.scoring.SCORING_MODES
+    scoring: str = "auto"  # freeze-only and slimfit: slimfit.scoring.SCORING_MODES
     memory_budget: int | None = None  # bytes; finetune chooses the settings that fit (slimfit.finetune.budget)
     save_steps: int | None = None  # write a Trainer checkpoint into --output every this many optimizer steps
     resume_from_checkpoint: str | None = None  # a checkpoint folder written with --save-steps
