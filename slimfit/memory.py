@@ -139,20 +139,19 @@ class SavedTensorMeter:
 
 
 class DecodeMeter:
-    """Context manager: the most bytes of compressed activations decoded at once by backward (compression
-    temporaries), which the saved-tensor meter cannot see.
+    """Context manager: the most bytes of compressed activations decoded by backward that are alive at once
+    (compression temporaries), which the saved-tensor meter cannot see.
 
     slimfit's backward Functions report every tensor they decode from a code (dequantized or densified activations,
-    unpacked masks and derivative codes, the looked-up derivatives) through :func:`note_decoded`. What one
-    Function's backward decodes is alive together until it returns, so decodes are summed per backward call
-    (grouped by the autograd node running) and ``peak_bytes`` is the largest such sum. Tensors computed from them
-    (casts, products) are not counted. Meters do not nest.
+    unpacked masks, and the derivative code's chunks: code, indices, looked-up derivatives) through
+    :func:`note_decoded`. Each counts, once per storage, from then until its storage is freed (a weak reference
+    tells); ``peak_bytes`` is the largest sum alive together. Tensors computed from them (casts, products) are not
+    counted. Meters do not nest.
     """
 
     def __init__(self) -> None:
         self.peak_bytes = 0
-        self._node: object = None
-        self._current = 0
+        self._live: dict[tuple[str, int], int] = {}
 
     def __enter__(self) -> DecodeMeter:
         global _DECODE_METER
@@ -164,14 +163,15 @@ class DecodeMeter:
     def __exit__(self, *exc) -> None:
         global _DECODE_METER
         _DECODE_METER = None
-        self._node = None
 
-    def _add(self, nbytes: int) -> None:
-        node = torch._C._current_autograd_node()
-        if node is None or node is not self._node:
-            self._node, self._current = node, 0
-        self._current += nbytes
-        self.peak_bytes = max(self.peak_bytes, self._current)
+    def _add(self, t: torch.Tensor) -> None:
+        key = _storage_key(t)
+        if key in self._live:
+            return
+        storage = t.untyped_storage()
+        self._live[key] = storage.nbytes()
+        weakref.finalize(storage, self._live.pop, key, None)
+        self.peak_bytes = max(self.peak_bytes, sum(self._live.values()))
 
 
 _DECODE_METER: DecodeMeter | None = None
@@ -180,7 +180,7 @@ _DECODE_METER: DecodeMeter | None = None
 def note_decoded(t: torch.Tensor) -> torch.Tensor:
     """Report a tensor decoded in backward to the active :class:`DecodeMeter` (if any); returns ``t``."""
     if _DECODE_METER is not None:
-        _DECODE_METER._add(_storage_nbytes(t))
+        _DECODE_METER._add(t)
     return t
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -128,3 +130,22 @@ def test_decode_meter_counts_what_one_backward_call_decodes_at_once():
     assert meter.peak_bytes == 0
     with DecodeMeter(), pytest.raises(RuntimeError, match="do not nest"), DecodeMeter():
         pass
+
+
+def test_derivative_code_decoded_in_chunks(monkeypatch):
+    """A GELU of 2.3 chunks plus a tail that is not a whole byte: at most one chunk decoded at a time (9 bytes an
+    element), and the same gradient, bit for bit, as decoding it whole."""
+    from slimfit.policy import DerivativeCode
+
+    module = importlib.import_module("slimfit.nn.activation")  # slimfit.nn.activation is also a function
+
+    torch.manual_seed(0)
+    x = torch.randn(int(2.3 * module.DECODE_CHUNK) + 5, requires_grad=True)
+    upstream = torch.randn_like(x)
+    grads = {}
+    for chunk in (module.DECODE_CHUNK, 2 * x.numel()):
+        monkeypatch.setattr(module, "DECODE_CHUNK", chunk)
+        with DecodeMeter() as meter:
+            (grads[chunk],) = torch.autograd.grad(module.activation(x, "gelu", DerivativeCode(4)), x, upstream)
+        assert meter.peak_bytes == min(chunk, x.numel()) * (1 + 4 + 4)
+    assert torch.equal(*grads.values())

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from slimfit import ops
+from slimfit.codecs import PackedBits
 from slimfit.memory import note_decoded
 from slimfit.nn._saving import decode, encode, load, save
 from slimfit.policy import DerivativeCode, Quantize
@@ -161,14 +162,33 @@ class ActivationFunction(torch.autograd.Function):
         saved = load(ctx)
         if isinstance(ctx.setting, DerivativeCode):
             _, _, levels = _tables(ctx.act_name, ctx.setting.bits)
-            code = note_decoded(torch.zeros(grad.shape, dtype=torch.uint8, device=grad.device))
-            for b, plane in enumerate(saved):
-                code |= ops.unpack_bits(plane).to(torch.uint8) << b
-            index = note_decoded(code.int())  # int32 indices: half the bytes of int64
-            d = note_decoded(torch.tensor(levels, dtype=grad.dtype, device=grad.device)[index])
-        else:
-            d = ACTIVATIONS[ctx.act_name].grad(decode(saved[0]).to(grad.dtype))
+            return _times_coded_derivative(grad, saved, torch.tensor(levels, dtype=grad.dtype, device=grad.device))
+        d = ACTIVATIONS[ctx.act_name].grad(decode(saved[0]).to(grad.dtype))
         return grad * d, None, None
+
+
+DECODE_CHUNK = 1 << 18
+"""Elements of a derivative code decoded at a time in backward (a multiple of 8: whole packed bytes). Decoded,
+an element takes 9 bytes (uint8 code, int32 index, float32 derivative): 2.25 MiB a chunk, where a whole MiniLM
+GELU of 16 x 128 tokens would take 27 MiB."""
+
+
+def _times_coded_derivative(grad: torch.Tensor, planes: tuple[PackedBits, ...], levels: torch.Tensor) -> torch.Tensor:
+    """``grad * levels[code]``, the code's bit ``b`` in ``planes[b]``, decoded :data:`DECODE_CHUNK` elements at a
+    time into the result."""
+    flat = grad.reshape(-1)
+    out = torch.empty_like(flat)
+    for start in range(0, flat.numel(), DECODE_CHUNK):
+        end = min(start + DECODE_CHUNK, flat.numel())
+        code = note_decoded(torch.zeros(end - start, dtype=torch.uint8, device=grad.device))
+        for b, plane in enumerate(planes):
+            chunk = PackedBits(plane.bits[start // 8 : (end + 7) // 8], (end - start,))
+            code |= ops.unpack_bits(chunk).to(torch.uint8) << b
+        index = note_decoded(code.int())  # int32 indices: half the bytes of int64
+        derivative = note_decoded(levels[index])
+        torch.mul(flat[start:end], derivative, out=out[start:end])
+        del code, index, derivative  # before the next chunk's are made
+    return out.view(grad.shape), None, None
 
 
 def activation(x: torch.Tensor, name: str, setting: DerivativeCode | Quantize | None) -> torch.Tensor:
