@@ -15,8 +15,9 @@ From the optimizer's update: after an Adam step, its state holds the step count 
 (``max_exp_avg_sq`` under ``amsgrad``) the step used, so with the group's ``lr``, ``betas``, ``eps`` and
 ``weight_decay`` read before the step the update is ``u = lr / (1 - beta1^t) * m / (sqrt(v / (1 - beta2^t)) +
 eps)`` and the weights before it ``W0 = (W1 + u) / (1 - lr * weight_decay)`` (decoupled decay, AdamW) or ``W0 = W1
-+ u`` (Adam, whose decay is inside ``m``). Both are rebuilt in blocks whose two temporaries take at most 1% of all
-scored layers' bytes, and reduced to the score in float64. It equals the copy's score to float32 rounding
++ u`` (Adam, whose decay is inside ``m``). Both are rebuilt in blocks whose two temporaries take at most 1% of the
+bytes of the layers scored that way at that step (at least :data:`MIN_SAMPLE` elements), and reduced to the score
+in float64. It equals the copy's score to float32 rounding
 (``tests/test_scoring.py`` compares them under every Adam option); a layer whose step count did not advance (no
 gradient) did not move and scores 0. If the optimizer stepped twice between scorings, only the last step counts.
 
@@ -65,8 +66,8 @@ SCORING_MODES = ("auto", "exact", "sampled")
 MIN_SAMPLE = 256
 """Fewest elements sampled from a layer that is not copied whole (and fewest rebuilt at a time from Adam's moments)."""
 BUDGET = 0.01
-"""Share of a layer's bytes its sample may take (before and after values and positions); share of all scored
-layers' bytes the temporaries of an update rebuilt from Adam's moments may take."""
+"""Share of a layer's bytes its sample may take (before and after values and positions); share of the bytes of
+the layers scored from Adam's moments at a step that the temporaries of rebuilding them may take."""
 _POSITION_BYTES = 8  # int64: what torch.take indexes with
 _BLOCK = 1 << 16  # elements read at a time when looking for a layer's smallest weights
 _ADAMS = (torch.optim.Adam, torch.optim.AdamW)  # exact types: a subclass may step differently
@@ -140,8 +141,6 @@ class UpdateScorer:
         self.optimizer = optimizer
         self.peak_bytes = 0
         self._snapshot: list[_Taken] | None = None
-        # What the two temporaries of an update rebuilt from Adam's moments may take: blocks are sized to it.
-        self._rebuild_bytes = int(BUDGET * sum(p.numel() * p.element_size() for p in params))
 
     @property
     def holding(self) -> bool:
@@ -191,10 +190,12 @@ class UpdateScorer:
             after += now.tensor_split(cut)
         self.peak_bytes = max(self.peak_bytes, held + gathered)
         values = iter(_update_norms(before, after, self.metric).tolist() if before else [])
+        # Rebuilt blocks are sized so that their two temporaries take at most 1% of the rebuilt layers' bytes.
+        rebuild_bytes = int(BUDGET * sum(_nbytes(self.params[t.layer]) for t in moved if t.adam is not None))
         scores = []
         for t in moved:
             if t.adam is not None:
-                scores.append(self._rebuilt_score(t.layer, t.adam))
+                scores.append(self._rebuilt_score(t.layer, t.adam, rebuild_bytes))
             elif t.smallest:  # the smallest weights counted exactly, the uniform part standing for the rest
                 n = self.params[t.layer].numel()
                 smallest, rest = next(values), next(values)
@@ -205,7 +206,7 @@ class UpdateScorer:
         result = torch.tensor(scores, dtype=torch.float64) / torch.tensor(rates, dtype=torch.float64)
         return [t.layer for t in moved], result.to(torch.float32).to(self.params[moved[0].layer].device)
 
-    def _rebuilt_score(self, layer: int, adam: _AdamStep) -> float:
+    def _rebuilt_score(self, layer: int, adam: _AdamStep, budget: int) -> float:
         """The layer's score from its weights now and the Adam step that moved them (module docstring)."""
         param = self.params[layer]
         state = self.optimizer.state.get(param, {})
@@ -221,7 +222,7 @@ class UpdateScorer:
         eps = ops.NORM_EPS[self.metric]
         moved = torch.zeros((), dtype=torch.float64, device=now.device)
         size = torch.zeros((), dtype=torch.float64, device=now.device)
-        block = max(MIN_SAMPLE, self._rebuild_bytes // (2 * now.element_size()))
+        block = max(MIN_SAMPLE, budget // (2 * now.element_size()))
         for start in range(0, now.numel(), block):
             end = start + block
             before = second[start:end].sqrt().div_(root_correction).add_(adam.eps)  # Adam's denominator
