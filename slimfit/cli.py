@@ -100,8 +100,9 @@ def _finetune(args: argparse.Namespace) -> int:
         config = choice.config if choice is not None else config
         if loop.is_main_process():
             print(
-                f"task {config.task}, model {task.model_name}, {task.describe()}; method {config.method}, "
-                f"output {output}"
+                f"task {config.task}, model {task.model_name}, {task.describe()}"
+                f"{' (eval: a validation split of the training part)' if config.validate else ''}; "
+                f"method {config.method}, output {output}"
             )
         result, model = loop.train(config, task, output=output, progress=not args.quiet)
         if not loop.is_main_process():  # under torchrun / accelerate launch, the first process reports and saves
@@ -268,6 +269,13 @@ def _add_training_options(parser: argparse.ArgumentParser, with_checkpoints: boo
         default=default("eval_fraction"),
         help="share of --data held out for evaluation, fixed by --seed: per class for classification, by paragraph for "
         "question answering, by text for causal-lm (default: %(default)s)",
+    )
+    data.add_argument(
+        "--validate",
+        action="store_true",
+        help="evaluate on a validation split carved from the training part by --eval-fraction and --seed, as the "
+        "evaluation split is; the evaluation split is not used. For choosing settings (learning rate, freeze ratio) "
+        "on data the reported results never see",
     )
     lengths = ", ".join(f"{length} for {task}" for task, length in DEFAULT_MAX_LENGTH.items())
     data.add_argument(

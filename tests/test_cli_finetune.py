@@ -182,6 +182,13 @@ def test_slimfit_run_logs_the_learning_rate_each_step_used(assets, tmp_path):
     assert rates == pytest.approx(expected, rel=1e-12, abs=0.0)
 
 
+def test_validate_is_announced_and_recorded(assets, tmp_path, capsys):
+    output = tmp_path / "run"
+    assert cli.main(finetune(assets, "--validate", "--output", str(output))) == 0
+    assert "(eval: a validation split of the training part)" in capsys.readouterr().out
+    assert json.loads((output / "metrics.json").read_text())["config"]["validate"] is True
+
+
 def test_existing_output_is_left_untouched(assets, tmp_path, capsys):
     output = tmp_path / "taken"
     output.mkdir()
@@ -230,6 +237,35 @@ def test_stratified_split_is_seeded_and_keeps_proportions():
     assert set(train.texts).isdisjoint(evaluation.texts) and len(train) + len(evaluation) == 100
     assert stratified_split(data, 0.1, seed=3)[1].texts == evaluation.texts
     assert stratified_split(data, 0.1, seed=4)[1].texts != evaluation.texts
+
+
+def test_validate_evaluates_on_a_split_of_the_training_part(tmp_path):
+    """--validate: the evaluation examples are a split of what trains without it, by the same rule, and the
+    evaluation split is in neither part."""
+    from slimfit.tasks import text
+
+    unique = dict(texts(400))  # distinct texts, so distinct token ids
+    data = write_csv(tmp_path / "d.csv", list(unique.items()))
+    config = FinetuneConfig(
+        task="classification",
+        model=str(save_tiny_bert(tmp_path / "model")),
+        data=str(data),
+        text_column="body",
+        label_column="topic",
+        eval_fraction=0.2,
+        seed=5,
+    )
+    plain, validated = (text.prepare(dataclasses.replace(config, validate=v)) for v in (False, True))
+
+    def ids(dataset):
+        return {tuple(example["input_ids"]) for example in dataset}
+
+    assert ids(validated.train_dataset) | ids(validated.eval_dataset) == ids(plain.train_dataset)
+    assert ids(validated.train_dataset).isdisjoint(ids(validated.eval_dataset))
+    assert (ids(validated.train_dataset) | ids(validated.eval_dataset)).isdisjoint(ids(plain.eval_dataset))
+    n = len(plain.train_dataset)
+    assert validated.examples == {"train": n - len(validated.eval_dataset), "eval": len(validated.eval_dataset)}
+    assert abs(len(validated.eval_dataset) - 0.2 * n) <= 2  # --eval-fraction of the training part, per class
 
 
 def load_dataset_from_rows(rows):

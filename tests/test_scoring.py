@@ -128,7 +128,10 @@ ADAM_SETTINGS = {
     "adamw": (torch.optim.AdamW, {"weight_decay": 0.01}),
     "adamw-amsgrad": (torch.optim.AdamW, {"weight_decay": 0.1, "amsgrad": True}),
     "adamw-maximize-single-tensor": (torch.optim.AdamW, {"maximize": True, "foreach": False}),
-    "adamw-tensor-lr-betas": (torch.optim.AdamW, {"lr": torch.tensor(3e-3), "betas": (torch.tensor(0.8), torch.tensor(0.99))}),
+    "adamw-tensor-lr-betas": (
+        torch.optim.AdamW,
+        {"lr": torch.tensor(3e-3), "betas": (torch.tensor(0.8), torch.tensor(0.99))},
+    ),
     "adam-coupled-decay": (torch.optim.Adam, {"weight_decay": 0.1}),
     "adam-decoupled-decay": (torch.optim.Adam, {"weight_decay": 0.1, "decoupled_weight_decay": True}),
 }

@@ -179,6 +179,19 @@ def test_eval_split_is_seeded_and_by_text(assets):
     assert blocks.isdisjoint(tuple(feature["input_ids"]) for feature in first.eval_dataset)
 
 
+def test_validate_evaluates_on_a_split_of_the_training_texts(assets):
+    options = {"model": str(assets["llama"]), "data": str(assets["text"]), "eval_fraction": 0.25}
+    plain, validated = prepare(**options), prepare(**options, validate=True)
+    assert validated.examples == {"train": 22, "eval": 8}  # 30 training texts of 40, a quarter of them held out
+    blocks = {
+        kind: {tuple(f["input_ids"]) for f in getattr(task, kind)}
+        for kind in ("train_dataset", "eval_dataset")
+        for task in [validated]
+    }
+    assert blocks["eval_dataset"].isdisjoint(tuple(f["input_ids"]) for f in plain.eval_dataset)
+    assert blocks["eval_dataset"].isdisjoint(blocks["train_dataset"])
+
+
 # ------------------------------------------------------------------------------------------------ evaluation
 
 

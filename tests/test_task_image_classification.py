@@ -24,8 +24,17 @@ pytest.importorskip("sklearn")
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def options(model: Path | None, data: Path, eval_data: Path | None = None, fraction: float = 0.25, seed: int = 0):
-    return SimpleNamespace(model=model, data=data, eval_data=eval_data, eval_fraction=fraction, seed=seed)
+def options(
+    model: Path | None,
+    data: Path,
+    eval_data: Path | None = None,
+    fraction: float = 0.25,
+    seed: int = 0,
+    validate: bool = False,
+):
+    return SimpleNamespace(
+        model=model, data=data, eval_data=eval_data, eval_fraction=fraction, seed=seed, validate=validate
+    )
 
 
 def load_script(name: str):
@@ -97,6 +106,15 @@ def test_split_is_stratified_and_seeded(vit, tmp_path):
     assert sorted(p.parent.name for p in evaluation) == ["a"] * 5 + ["b"] * 2 + ["c"] * 3
     # Shuffled, not ordered by class.
     assert [p.parent.name for p in train] != sorted(p.parent.name for p in train)
+
+
+def test_validate_evaluates_on_a_split_of_the_training_images(vit, tmp_path):
+    data = write_classes(tmp_path / "data", {"a": 20, "b": 8, "c": 12})
+    plain = prepare(options(vit, data, fraction=0.25, seed=2))
+    validated = prepare(options(vit, data, fraction=0.25, seed=2, validate=True))
+    assert sorted(validated.train_dataset.paths + validated.eval_dataset.paths) == sorted(plain.train_dataset.paths)
+    assert set(validated.train_dataset.paths).isdisjoint(validated.eval_dataset.paths)
+    assert sorted(p.parent.name for p in validated.eval_dataset.paths) == ["a"] * 4 + ["b"] * 2 + ["c"] * 2
 
 
 def test_split_options_refused(vit, tmp_path):

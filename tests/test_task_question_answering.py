@@ -185,6 +185,19 @@ def test_eval_fraction_split_is_seeded_and_by_context(tmp_path, model_dir):
     }
 
 
+def test_validate_evaluates_on_a_split_of_the_training_questions(tmp_path, model_dir):
+    more = [record(f"m{i}", "who sat on the mat?", f"the cat sat on the mat {i} times.", ["the cat"]) for i in range(8)]
+    path = write_jsonl(tmp_path / "d.jsonl", RECORDS + more)
+    plain, validated = (
+        qa.prepare(qa_config(str(path), model=str(model_dir), seed=3, validate=v)) for v in (False, True)
+    )
+    plain_train = {e.id for e in qa.split_examples(qa.load_examples(path, "--data"), 0.25, 3)[0]}
+    validation = {e.id for e in validated.eval_examples}
+    assert validation and validation < plain_train
+    assert validation.isdisjoint(e.id for e in plain.eval_examples)
+    assert validated.examples["train"] + validated.examples["eval"] == plain.examples["train"]
+
+
 # ---------------------------------------------------------------------------------------------------- windows
 
 

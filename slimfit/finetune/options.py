@@ -53,6 +53,7 @@ class FinetuneConfig:
     response_column: str = "response"
     eval_data: str | None = None
     eval_fraction: float = 0.1
+    validate: bool = False  # evaluate on a validation split of the training part (choosing settings); see tasks.base
     method: str = "slimfit"
     freeze_ratio: float = 0.9
     epochs: int = 1

@@ -16,12 +16,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 from torch import nn
 
 from slimfit.data import DataError
+
+Split = TypeVar("Split")
 
 
 @dataclass
@@ -88,6 +90,17 @@ class Task(ABC):
         """The part of the run header that describes the data, e.g. ``2002 train / 223 eval examples, 5 classes``."""
         text = f"{self.examples.get('train', 0)} train / {self.examples.get('eval', 0)} eval examples"
         return text + (f", {len(self.label_names)} classes" if self.label_names is not None else "")
+
+
+def validation_instead(
+    train: Split, evaluation: Split, split: Callable[[Split, float, int], tuple[Split, Split]], config: Any
+) -> tuple[Split, Split]:
+    """``(train, evaluation)`` as they are, or under ``config.validate`` the training part split again by the same
+    rule, fraction and seed into ``(rest, validation)``: settings chosen on the validation metrics have never seen
+    the evaluation part, on which results are then reported without ``--validate``."""
+    if not config.validate:
+        return train, evaluation
+    return split(train, config.eval_fraction, config.seed)
 
 
 def require_model_folder(model_path: Path) -> None:

@@ -41,7 +41,7 @@ from torch import nn
 
 from slimfit.data import DataError, jsonl_records
 from slimfit.finetune.options import FinetuneConfig
-from slimfit.tasks.base import Task, first_line, require_model_folder, resolve_max_length
+from slimfit.tasks.base import Task, first_line, require_model_folder, resolve_max_length, validation_instead
 
 IGNORE_INDEX = -100
 """The label of tokens that are not predicted (prompt, padding): transformers' and torch's ``ignore_index``."""
@@ -266,6 +266,7 @@ def prepare(config: FinetuneConfig) -> CausalLMTask:
         train, evaluation = data, select_columns(eval_path, read_table(eval_path, "--eval-data"), columns)
     else:
         train, evaluation = split(data, config.eval_fraction, config.seed)
+    train, evaluation = validation_instead(train, evaluation, split, config)
     model_config, tokenizer = _load_model_files(model_path)
     tokens = resolve_max_length(config, model_config, tokenizer, model_path)
 

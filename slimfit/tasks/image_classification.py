@@ -22,7 +22,14 @@ from PIL import Image, ImageOps
 from torch import nn
 
 from slimfit.data import DataError
-from slimfit.tasks.base import Task, classification_metrics, first_line, quiet_transformers, require_model_folder
+from slimfit.tasks.base import (
+    Task,
+    classification_metrics,
+    first_line,
+    quiet_transformers,
+    require_model_folder,
+    validation_instead,
+)
 
 # Formats every Pillow build reads (WebP needs libwebp, which Pillow's wheels include); others are refused by name so
 # that a typo or an unsupported format (HEIC, SVG, RAW) is not silently skipped.
@@ -143,6 +150,7 @@ def prepare(config: Any) -> ImageClassificationTask:
         train = data
     else:
         train, evaluation = stratified_split(data, config.eval_fraction, config.seed)
+    train, evaluation = validation_instead(train, evaluation, stratified_split, config)
     return ImageClassificationTask(
         model_path=model_path,
         model_name=str(config.model),

@@ -37,6 +37,7 @@ from slimfit.tasks.base import (
     first_line,
     require_model_folder,
     resolve_max_length,
+    validation_instead,
 )
 
 #: Start and end candidates per window considered by post-processing (as in the SQuAD reference scripts).
@@ -412,6 +413,7 @@ def prepare(config: FinetuneConfig) -> QuestionAnsweringTask:
         train, evaluation = examples, load_examples(config.eval_data, option="--eval-data")
     else:
         train, evaluation = split_examples(examples, config.eval_fraction, config.seed)
+    train, evaluation = validation_instead(train, evaluation, split_examples, config)
 
     from transformers import AutoConfig, AutoTokenizer, DataCollatorWithPadding
     from transformers.models.auto.modeling_auto import MODEL_FOR_QUESTION_ANSWERING_MAPPING

@@ -31,6 +31,7 @@ from slimfit.tasks.base import (
     first_line,
     require_model_folder,
     resolve_max_length,
+    validation_instead,
 )
 
 # The heads AutoModelForSequenceClassification adds: `classifier` (BERT family, RoBERTa, DeBERTa, ELECTRA; DistilBERT
@@ -104,14 +105,14 @@ def prepare(config: FinetuneConfig) -> TextClassificationTask | TextRegressionTa
     columns = dict(text_column=config.text_column, label_column=config.label_column)
     columns["text_pair_column"] = config.text_pair_column
     data = load_dataset(config.data or default_data_dir(), regression=regression, **columns)
+    split = random_split if regression else stratified_split
     if config.eval_data:
         train = data
         loaded = load_dataset(config.eval_data, option="--eval-data", regression=regression, **columns)
         evaluation = align_labels(loaded, train.label_names, config.eval_data)
-    elif regression:
-        train, evaluation = random_split(data, config.eval_fraction, config.seed)
     else:
-        train, evaluation = stratified_split(data, config.eval_fraction, config.seed)
+        train, evaluation = split(data, config.eval_fraction, config.seed)
+    train, evaluation = validation_instead(train, evaluation, split, config)
 
     from transformers import AutoConfig, AutoTokenizer, DataCollatorWithPadding
 
