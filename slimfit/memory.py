@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from torch import nn
 __all__ = [
     "SavedTensorMeter",
     "DecodeMeter",
+    "DecodeProfile",
     "note_decoded",
     "measure_saved_bytes",
     "parameter_bytes",
@@ -138,6 +139,25 @@ class SavedTensorMeter:
         self._hooks = None
 
 
+@dataclass
+class DecodeProfile:
+    """What backward had decoded at each moment, in a form that scales to larger batches.
+
+    A moment is ``(grows, chunks)``: the live decoded bytes that grow in proportion to the examples in a batch,
+    and the ``(bytes, cap)`` of each live chunk of a chunked decode, which grows only up to its chunk's bytes.
+    Moments seen more than once are kept once.
+    """
+
+    moments: set[tuple[int, tuple[tuple[int, int], ...]]] = field(default_factory=set)
+
+    def peak(self, scale: int = 1) -> int:
+        """The most bytes decoded at once with ``scale`` times the examples of the batches profiled."""
+        return max(
+            (scale * grows + sum(min(scale * n, max(cap, n)) for n, cap in chunks) for grows, chunks in self.moments),
+            default=0,
+        )
+
+
 class DecodeMeter:
     """Context manager: the most bytes of compressed activations decoded by backward that are alive at once
     (compression temporaries), which the saved-tensor meter cannot see.
@@ -146,12 +166,13 @@ class DecodeMeter:
     unpacked masks, and the derivative code's chunks: code, indices, looked-up derivatives) through
     :func:`note_decoded`. Each counts, once per storage, from then until its storage is freed (a weak reference
     tells); ``peak_bytes`` is the largest sum alive together. Tensors computed from them (casts, products) are not
-    counted. Meters do not nest.
+    counted. With ``profile``, every moment is also added to it (see :class:`DecodeProfile`). Meters do not nest.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, profile: DecodeProfile | None = None) -> None:
         self.peak_bytes = 0
-        self._live: dict[tuple[str, int], int] = {}
+        self.profile = profile
+        self._live: dict[tuple[str, int], tuple[int, int | None]] = {}
 
     def __enter__(self) -> DecodeMeter:
         global _DECODE_METER
@@ -164,23 +185,29 @@ class DecodeMeter:
         global _DECODE_METER
         _DECODE_METER = None
 
-    def _add(self, t: torch.Tensor) -> None:
+    def _add(self, t: torch.Tensor, chunk: int | None) -> None:
         key = _storage_key(t)
         if key in self._live:
             return
         storage = t.untyped_storage()
-        self._live[key] = storage.nbytes()
+        self._live[key] = (storage.nbytes(), None if chunk is None else chunk * t.element_size())
         weakref.finalize(storage, self._live.pop, key, None)
-        self.peak_bytes = max(self.peak_bytes, sum(self._live.values()))
+        self.peak_bytes = max(self.peak_bytes, sum(n for n, _ in self._live.values()))
+        if self.profile is not None:
+            grows = sum(n for n, cap in self._live.values() if cap is None)
+            chunks = tuple(sorted((n, cap) for n, cap in self._live.values() if cap is not None))
+            self.profile.moments.add((grows, chunks))
 
 
 _DECODE_METER: DecodeMeter | None = None
 
 
-def note_decoded(t: torch.Tensor) -> torch.Tensor:
-    """Report a tensor decoded in backward to the active :class:`DecodeMeter` (if any); returns ``t``."""
+def note_decoded(t: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Report a tensor decoded in backward to the active :class:`DecodeMeter` (if any); returns ``t``.
+
+    ``chunk``: ``t`` is one chunk of a decode done ``chunk`` elements at a time (so it never grows beyond that)."""
     if _DECODE_METER is not None:
-        _DECODE_METER._add(t)
+        _DECODE_METER._add(t, chunk)
     return t
 
 

@@ -53,9 +53,13 @@ def test_estimate_is_within_ten_percent_of_a_measured_run(minilm, method):
 
 def test_activations_scale_with_the_micro_batch(minilm):
     config, task = minilm
-    peaks = estimate.simulate(config, task)
-    one, eight = estimate.scale(peaks, 1), estimate.scale(peaks, 8)
+    simulation = estimate.simulate(config, task)
+    one, eight = estimate.scale(simulation, 1), estimate.scale(simulation, 8)
     assert eight["activations"] == 8 * one["activations"] > 0
+    # Temporaries: the simulation's own peak at one example; at most 8x at eight (derivative codes decoded in
+    # chunks stop growing at a chunk), and exactly what the profile says.
+    assert one["temporaries"] == simulation.peaks["temporaries"] > 0
+    assert one["temporaries"] < eight["temporaries"] == simulation.decodes.peak(8) <= 8 * one["temporaries"]
     for category in ("weights", "gradients", "optimizer_state"):
         assert eight[category] == one[category]
     assert eight["total"] == sum(v for k, v in eight.items() if k != "total")

@@ -149,3 +149,29 @@ def test_derivative_code_decoded_in_chunks(monkeypatch):
             (grads[chunk],) = torch.autograd.grad(module.activation(x, "gelu", DerivativeCode(4)), x, upstream)
         assert meter.peak_bytes == min(chunk, x.numel()) * (1 + 4 + 4)
     assert torch.equal(*grads.values())
+
+
+def test_decode_profile_of_one_example_predicts_a_larger_batch():
+    """A Linear whose dequantized input grows with the batch, and a GELU whose derivative code is decoded in
+    chunks: profiled on one example, the peak predicted for 4 is the one measured on 4 (the Linear's input,
+    4x; the GELU's chunks stop growing at a chunk)."""
+    from slimfit.memory import DecodeProfile
+    from slimfit.nn.activation import activation
+    from slimfit.nn.linear import linear
+    from slimfit.policy import DerivativeCode, Quantize
+
+    torch.manual_seed(0)
+    w1, w2 = torch.randn(1536, 512, requires_grad=True), torch.randn(64, 1536, requires_grad=True)
+
+    def backward(batch: int, profile: DecodeProfile | None = None) -> int:
+        x = torch.randn(batch, 200, 512)
+        hidden = activation(linear(x, w1, None, Quantize(8)), "gelu", DerivativeCode(4))
+        with DecodeMeter(profile) as meter:
+            linear(hidden, w2, None, Quantize(8)).sum().backward()
+        return meter.peak_bytes
+
+    profile = DecodeProfile()
+    one = backward(1, profile)
+    assert profile.peak(1) == one
+    assert profile.peak(4) == backward(4) == 4 * 200 * 1536 * 4  # the second Linear's dequantized input
+    assert one == 9 * importlib.import_module("slimfit.nn.activation").DECODE_CHUNK  # a full GELU chunk

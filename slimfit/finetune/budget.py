@@ -71,9 +71,9 @@ def choose(config: FinetuneConfig, task: Task, budget: int) -> Choice:
         raise DataError(f"--memory-budget: chooses SlimFit's settings; --method is {config.method!r}, not slimfit")
     placements = ("keep", "offload") if resolve_device(config.device).type != "cpu" else ("offload",)
     micro_batches = [m for m in range(config.batch_size, 0, -1) if config.batch_size % m == 0]
-    simulated: dict[tuple[float, int, str], dict[str, int]] = {}
+    simulated: dict[tuple[float, int, str], estimate.Simulation] = {}
 
-    def peaks(ratio: float, bits: int, placement: str) -> dict[str, int]:
+    def peaks(ratio: float, bits: int, placement: str) -> estimate.Simulation:
         key = (ratio, bits, placement)
         if key not in simulated:
             simulated[key] = estimate.simulate(_candidate(config, ratio, bits, placement, 1), task)

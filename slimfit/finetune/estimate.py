@@ -10,8 +10,11 @@ first). Then:
 
 - ``weights``, ``gradients``, ``optimizer_state``, ``optimizer_state_host`` and ``scoring`` do not depend on the
   batch: they are the simulation's peaks;
-- ``activations`` (all a forward keeps for backward) and ``temporaries`` (codes decoded at once in backward) are
-  proportional to the examples in a micro-batch: the simulation's peaks times the micro-batch size;
+- ``activations`` (all a forward keeps for backward) are proportional to the examples in a micro-batch: the
+  simulation's peak times the micro-batch size;
+- ``temporaries`` (codes decoded at once in backward) are too, except chunks of decodes done a chunk at a time
+  (derivative codes), which grow only up to their chunk: the simulation's profile of what was decoded at each
+  moment (:class:`slimfit.memory.DecodeProfile`), scaled so, at its largest moment;
 - ``total`` is their sum, as :class:`PeakMemory` reports it.
 
 Steps after the warm-up choose layers by score, so a long run can train a set whose gradients or saved activations
@@ -24,10 +27,17 @@ import dataclasses
 import math
 
 from slimfit.finetune.options import SCHEDULED_METHODS, FinetuneConfig
+from slimfit.memory import DecodeProfile
 from slimfit.tasks.base import Task
 
-#: Categories that grow with the examples in a micro-batch; every other one is fixed by model and method.
-PER_EXAMPLE = ("activations", "temporaries")
+
+@dataclasses.dataclass(frozen=True)
+class Simulation:
+    """What :func:`simulate` measured: peak bytes by category at one example per micro-batch, and what backward
+    decoded (for ``temporaries``, which do not all grow with the batch)."""
+
+    peaks: dict[str, int]
+    decodes: DecodeProfile
 
 
 def estimate(config: FinetuneConfig, task: Task) -> dict[str, int]:
@@ -38,7 +48,7 @@ def estimate(config: FinetuneConfig, task: Task) -> dict[str, int]:
     return scale(simulate(config, task), config.batch_size)
 
 
-def simulate(config: FinetuneConfig, task: Task) -> dict[str, int]:
+def simulate(config: FinetuneConfig, task: Task) -> Simulation:
     """Peak bytes by category of ``config`` trained on ``task`` one example per micro-batch (the module docstring
     says how); :func:`scale` turns them into any micro-batch's."""
     from slimfit.finetune import loop
@@ -54,12 +64,15 @@ def simulate(config: FinetuneConfig, task: Task) -> dict[str, int]:
     )
     small = dataclasses.replace(task, train_dataset=[task.train_dataset[i] for i in _longest(task, steps)])
     result = loop.run(simulated, small, progress=False, simulate=True)
-    return {k: v for k, v in result.memory.items() if k not in ("total", "cuda_max_memory_allocated")}
+    peaks = {k: v for k, v in result.memory.items() if k not in ("total", "cuda_max_memory_allocated")}
+    return Simulation(peaks, result.decodes)
 
 
-def scale(peaks: dict[str, int], micro_batch: int) -> dict[str, int]:
+def scale(simulation: Simulation, micro_batch: int) -> dict[str, int]:
     """:func:`simulate`'s peaks for ``micro_batch`` examples per forward, with their ``total``."""
-    memory = {name: value * micro_batch if name in PER_EXAMPLE else value for name, value in peaks.items()}
+    memory = dict(simulation.peaks)
+    memory["activations"] *= micro_batch
+    memory["temporaries"] = simulation.decodes.peak(micro_batch)
     memory["total"] = sum(value for name, value in memory.items() if name != "optimizer_state_host")
     return memory
 

@@ -87,7 +87,7 @@ class RunRecorder(TrainerCallback):
         self._bar = None  # our own progress bar: loss, seconds per step and layers trained, as before the Trainer
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        self.trainer.meter = PeakMemory(model, optimizer, self.device)
+        self.trainer.meter = PeakMemory(model, optimizer, self.device, profile_decodes=self.simulate)
         self.trainer.step_losses = []
         if self.progress and state.is_world_process_zero:
             from tqdm.auto import tqdm
@@ -322,5 +322,6 @@ def train(
         layers=layers,
         schedule=recorder.schedule,
         uncompressed_modules=(recorder.uncompressed or []) if config.method == "slimfit" else None,
+        decodes=trainer.meter.decodes,
     )
     return result, trainer.model

@@ -27,10 +27,16 @@ class PeakMemory:
     decoded at once in backward (:class:`slimfit.memory.DecodeMeter`; 0 without compression); ``total`` the sum
     of those peaks and ``weights`` (an upper bound: the peaks need not coincide). On CUDA,
     ``cuda_max_memory_allocated`` adds what the allocator itself saw, workspace and temporaries included.
+
+    With ``profile_decodes``, :attr:`decodes` profiles what backward decoded, so that
+    :mod:`slimfit.finetune.estimate` can scale temporaries to larger batches (chunked decodes stop growing).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, profile_decodes: bool = False
+    ) -> None:
         self._memory = memory
+        self.decodes = memory.DecodeProfile() if profile_decodes else None
         self.model = model
         self.optimizer = optimizer
         self.device = device
@@ -78,7 +84,7 @@ class PeakMemory:
     @contextlib.contextmanager
     def backward(self) -> Iterator[None]:
         """Measure the compressed activations decoded at once by the backward pass run inside."""
-        with self._memory.DecodeMeter() as meter:
+        with self._memory.DecodeMeter(self.decodes) as meter:
             yield
         self._peak("temporaries", meter.peak_bytes)
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from slimfit.data import DataError
 from slimfit.finetune.options import BUNDLED_DATA, FinetuneConfig
+from slimfit.memory import DecodeProfile
 
 # activation_bytes is empty on the steps the memory meter did not watch (metered False: the timed ones).
 STEP_LOG_FIELDS = ("step", "epoch", "loss", "lr", "seconds", "trainable_layers", "activation_bytes", "metered")
@@ -58,6 +59,8 @@ class RunResult:
     uncompressed_modules: list[str] | None = None
     # Predicted peak bytes of full fine-tuning with the same model, batch and length (slimfit.finetune.estimate).
     full_estimate: dict[str, int] | None = None
+    # What backward decoded, profiled in simulations for slimfit.finetune.estimate (None in real runs).
+    decodes: DecodeProfile | None = None
     # What --memory-budget chose (slimfit.finetune.budget.Choice.as_dict), None without a budget.
     memory_budget: dict[str, Any] | None = None
 

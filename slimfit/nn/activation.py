@@ -180,12 +180,12 @@ def _times_coded_derivative(grad: torch.Tensor, planes: tuple[PackedBits, ...], 
     out = torch.empty_like(flat)
     for start in range(0, flat.numel(), DECODE_CHUNK):
         end = min(start + DECODE_CHUNK, flat.numel())
-        code = note_decoded(torch.zeros(end - start, dtype=torch.uint8, device=grad.device))
+        code = note_decoded(torch.zeros(end - start, dtype=torch.uint8, device=grad.device), DECODE_CHUNK)
         for b, plane in enumerate(planes):
             chunk = PackedBits(plane.bits[start // 8 : (end + 7) // 8], (end - start,))
             code |= ops.unpack_bits(chunk).to(torch.uint8) << b
-        index = note_decoded(code.int())  # int32 indices: half the bytes of int64
-        derivative = note_decoded(levels[index])
+        index = note_decoded(code.int(), DECODE_CHUNK)  # int32 indices: half the bytes of int64
+        derivative = note_decoded(levels[index], DECODE_CHUNK)
         torch.mul(flat[start:end], derivative, out=out[start:end])
         del code, index, derivative  # before the next chunk's are made
     return out.view(grad.shape), None, None
