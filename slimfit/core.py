@@ -41,8 +41,8 @@ class SlimFitStats:
     Attributes:
         steps: calls to :meth:`SlimFit.step`.
         scored_steps: steps in which the trainable layers were scored.
-        skipped_steps: steps with no ``optimizer.step()`` since the previous one (e.g. GradScaler skipped it);
-            the trainable set is kept.
+        skipped_steps: steps with no ``optimizer.step()`` since the previous one (e.g. GradScaler skipped it), or
+            whose step updated nothing (a fused Adam that GradScaler told of an inf); the trainable set is kept.
         nonfinite_scores: layer scores rejected because they were NaN or infinite.
         thaws: layers that changed from frozen to trainable.
     """
@@ -244,12 +244,15 @@ class SlimFit:
         scores = torch.empty(0)
         if self._scorer.holding:
             indices, scores = self._scorer.score()
-            if is_distributed(self._process_group):
-                # Ranks hold identical weights, but a one-ulp difference in a score could still flip a tie
-                # and split the trainable sets; the group's first rank's scores decide for everyone.
-                group = self._process_group
-                torch.distributed.broadcast(scores, src=source_rank(group), group=group)
-            self.stats.scored_steps += 1
+            if self._scorer.skipped:  # the step ran but updated nothing (fused Adam, GradScaler found an inf)
+                self.stats.skipped_steps += 1
+            else:
+                if is_distributed(self._process_group):
+                    # Ranks hold identical weights, but a one-ulp difference in a score could still flip a tie
+                    # and split the trainable sets; the group's first rank's scores decide for everyone.
+                    group = self._process_group
+                    torch.distributed.broadcast(scores, src=source_rank(group), group=group)
+                self.stats.scored_steps += 1
         rejected = self.scheduler.step(indices, scores)
         if rejected:
             self.stats.nonfinite_scores += len(rejected)
@@ -389,7 +392,7 @@ class SlimFit:
         ``temporaries``: the most bytes of compressed activations that one backward Function decodes at once
         when that graph is differentiated (:class:`slimfit.memory.DecodeMeter`; 0 without compression). The
         backward differentiates the output's ``loss`` where it has one, else the sum of its first floating
-        tensor, with ``torch.autograd.grad``: no ``.grad`` changes. The pass runs in train mode on a forked RNG,
+        tensor; every ``.grad`` is put back as it was. The pass runs in train mode on a forked RNG,
         so it leaves the training run's random stream alone.
         """
         self._state.synchronize()
@@ -430,10 +433,17 @@ class SlimFit:
                     output = forward()
                 saved_bytes = saved.live_bytes
                 target = _differentiable_scalar(output)
-                trainable = [p for p in self.model.parameters() if p.requires_grad]
-                with DecodeMeter() as decoded:
-                    if target is not None and trainable:
-                        torch.autograd.grad(target, trainable, allow_unused=True)
+                # A real backward (reentrant checkpointing refuses autograd.grad), then every .grad put back.
+                grads = {p: p.grad for p in self.model.parameters()}
+                for p in grads:
+                    p.grad = None  # backward would add into an existing .grad in place
+                try:
+                    with DecodeMeter() as decoded:
+                        if target is not None:
+                            target.backward()
+                finally:
+                    for p, grad in grads.items():
+                        p.grad = grad
                 return saved_bytes, decoded.peak_bytes
         finally:
             self.model.train(was_training)

@@ -17,9 +17,11 @@ From the optimizer's update: after an Adam step, its state holds the step count 
 eps)`` and the weights before it ``W0 = (W1 + u) / (1 - lr * weight_decay)`` (decoupled decay, AdamW) or ``W0 = W1
 + u`` (Adam, whose decay is inside ``m``). Both are rebuilt in blocks whose two temporaries take at most 1% of the
 bytes of the layers scored that way at that step (at least :data:`MIN_SAMPLE` elements), and reduced to the score
-in float64. It equals the copy's score to float32 rounding
-(``tests/test_scoring.py`` compares them under every Adam option); a layer whose step count did not advance (no
-gradient) did not move and scores 0. If the optimizer stepped twice between scorings, only the last step counts.
+in float64. It equals the copy's score to float32 rounding (``tests/test_scoring.py`` compares them under every
+Adam option). A layer whose step count did not advance while others' did (no gradient) did not move and scores 0;
+when no layer's advanced, the step updated nothing (a fused Adam that a GradScaler told of an inf runs and undoes
+its count) and nothing is scored. If the optimizer stepped twice between scorings (SlimFit warns), only the last
+step's update counts, rebuilt with the first step's hyperparameters.
 
 The sample of a layer of ``n`` elements of ``e`` bytes:
 
@@ -140,6 +142,7 @@ class UpdateScorer:
         self.seed = seed
         self.optimizer = optimizer
         self.peak_bytes = 0
+        self.skipped = False  # whether the last score() found that the step updated nothing (see _step_skipped)
         self._snapshot: list[_Taken] | None = None
 
     @property
@@ -175,7 +178,8 @@ class UpdateScorer:
         held = self.held_bytes
         snapshot, self._snapshot = self._snapshot or [], None
         moved = [t for t in snapshot if t.rate is None or t.rate > 0.0]
-        if not moved:
+        self.skipped = self._step_skipped(moved)
+        if not moved or self.skipped:
             return [], torch.empty(0)
         copied = [t for t in moved if t.adam is None]
         before: list[torch.Tensor] = []
@@ -206,12 +210,21 @@ class UpdateScorer:
         result = torch.tensor(scores, dtype=torch.float64) / torch.tensor(rates, dtype=torch.float64)
         return [t.layer for t in moved], result.to(torch.float32).to(self.params[moved[0].layer].device)
 
+    def _step_skipped(self, taken: list[_Taken]) -> bool:
+        """Whether the optimizer's step ran without updating anything: no rebuilt layer's step count moved. A fused
+        Adam under a GradScaler that found an inf runs its step (so the snapshot was taken) and undoes the count;
+        scoring its layers 0 would keep them frozen for good."""
+        rebuilt = [t for t in taken if t.adam is not None]
+        return bool(rebuilt) and all(
+            _step_count(self.optimizer, self.params[t.layer]) == t.adam.steps_before for t in rebuilt
+        )
+
     def _rebuilt_score(self, layer: int, adam: _AdamStep, budget: int) -> float:
         """The layer's score from its weights now and the Adam step that moved them (module docstring)."""
         param = self.params[layer]
         state = self.optimizer.state.get(param, {})
-        steps = float(state["step"]) if "step" in state else 0.0
-        if steps == adam.steps_before:  # the step skipped it (no gradient): it did not move
+        steps = _step_count(self.optimizer, param)
+        if steps == adam.steps_before:  # the step passed it by (no gradient) while others moved: it did not move
             return 0.0
         now = param.detach().reshape(-1)
         first = state["exp_avg"].detach().reshape(-1)
@@ -266,7 +279,6 @@ class UpdateScorer:
         beta1, beta2 = (as_number(b) for b in group["betas"])
         if lr is None or beta1 is None or beta2 is None:
             return None
-        state = self.optimizer.state.get(param, {})
         return _AdamStep(
             lr=lr,
             beta1=beta1,
@@ -275,7 +287,7 @@ class UpdateScorer:
             weight_decay=float(group["weight_decay"]),
             decoupled=bool(group.get("decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW))),
             amsgrad=bool(group["amsgrad"]),
-            steps_before=float(state["step"]) if "step" in state else 0.0,
+            steps_before=_step_count(self.optimizer, param),
         )
 
     def _layer_seed(self, layer: int) -> int:
@@ -303,6 +315,12 @@ def _smallest_magnitudes(weight: torch.Tensor, count: int) -> torch.Tensor:
             best_values, keep = best_values.topk(count, largest=False, sorted=False)
             best_positions = best_positions[keep]
     return best_positions.sort().values
+
+
+def _step_count(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> float:
+    """Adam's step count of ``param`` (0 before its first step)."""
+    state = optimizer.state.get(param, {})
+    return float(state["step"]) if "step" in state else 0.0
 
 
 def as_number(value: object) -> float | None:

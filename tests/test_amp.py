@@ -183,11 +183,13 @@ def test_scores_are_float32(param_dtype, scoring, monkeypatch):
     assert torch.isfinite(sf.scheduler.scores).all() and sf.stats.nonfinite_scores == 0
 
 
-def test_grad_scaler_skipped_step_is_not_scored():
+@pytest.mark.parametrize("fused", [False, True])
+def test_grad_scaler_skipped_step_is_not_scored(fused):
     """An overflowing fp16 step is skipped by GradScaler: SlimFit counts it as skipped (not scored), keeps the
-    trainable set and warns about nothing; the following steps are scored normally."""
+    trainable set and warns about nothing; the following steps are scored normally. A fused AdamW runs its step
+    (GradScaler passes it the inf flag) and undoes its step count: no layer may score 0 for it."""
     model = tiny_classifier()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=fused)
     sf = SlimFit(model, opt, freeze_ratio=0.5)
     # 2**40 overflows the fp16 gradients of the first backward; one back-off lands on 2**10.
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, backoff_factor=2.0**-30)
@@ -207,3 +209,4 @@ def test_grad_scaler_skipped_step_is_not_scored():
     assert (sf.stats.skipped_steps, sf.stats.scored_steps, sf.stats.nonfinite_scores) == (1, 3, 0)
     assert sets[1] == sets[0]  # the skipped step kept the set
     assert torch.isfinite(sf.scheduler.scores).all()
+    assert bool((sf.scheduler.scores[sf.scheduler.scored] > 0).all())  # nothing scored 0 for the skipped step

@@ -456,11 +456,37 @@ def test_memory_report_temporaries_equal_a_training_backward(labelled):
         sf = SlimFit(model, torch.optim.AdamW(model.parameters(), lr=1e-3), freeze_ratio=0.5, compression=compression)
         report = sf.memory_report(batch)
         assert all(p.grad is None for p in model.parameters())
+        model(**batches(1, batch_size=4)[0]).loss.backward()  # gradients of another batch, accumulated so far
+        held = {p: (p.grad, p.grad.clone()) for p in model.parameters() if p.grad is not None}
+        assert sf.memory_report(batch)["temporaries"] == report["temporaries"]
+        assert all(p.grad is grad and torch.equal(grad, copy) for p, (grad, copy) in held.items())
+        model.zero_grad(set_to_none=True)
         with DecodeMeter() as meter:
             output = model(**batch)
             (output.loss if labelled else output.logits.sum()).backward()
         assert report["temporaries"] == meter.peak_bytes
         assert (report["temporaries"] > 0) == (compression is not None)
+
+
+def test_memory_report_with_reentrant_checkpointing():
+    """Reentrant checkpointing refuses torch.autograd.grad: memory_report's backward still measures."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+
+        def forward(self, x):
+            hidden = checkpoint(lambda t: torch.relu(self.b(torch.relu(t))), self.a(x), use_reentrant=True)
+            return self.c(hidden)
+
+    torch.manual_seed(0)
+    model = Checkpointed()
+    sf = SlimFit(model, torch.optim.AdamW(model.parameters(), lr=1e-3), freeze_ratio=0.5, seed=0)
+    report = sf.memory_report(torch.randn(8, 16))
+    assert report["saved_activations"] > 0 and report["temporaries"] > 0
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_ddp_wrapped_model(tmp_path):
