@@ -389,8 +389,8 @@ class SlimFit:
         With ``inputs`` (a dict of keyword arguments, a tuple of positional ones, or a single tensor for the
         model), also ``saved_activations``: the bytes the autograd graph holds for backward after one forward
         pass on them with the current trainable set, measured by :class:`slimfit.memory.SavedTensorMeter`, and
-        ``temporaries``: the most bytes of compressed activations that one backward Function decodes at once
-        when that graph is differentiated (:class:`slimfit.memory.DecodeMeter`; 0 without compression). The
+        ``temporaries``: the most bytes of compressed activations decoded and alive at once while that graph
+        is differentiated (:class:`slimfit.memory.DecodeMeter`; 0 without compression). The
         backward differentiates the output's ``loss`` where it has one, else the sum of its first floating
         tensor; every ``.grad`` is put back as it was. The pass runs in train mode on a forked RNG,
         so it leaves the training run's random stream alone.
