@@ -214,6 +214,7 @@ def _add_training_options(parser: argparse.ArgumentParser, with_checkpoints: boo
         DEFAULT_SLIMFIT_LR,
         DEVICES,
         FALLBACK_MAX_LENGTH,
+        FREEZE_UNIT,
         OPTIMIZER_STATE,
         SCORING,
         TASKS,
@@ -364,6 +365,14 @@ def _add_training_options(parser: argparse.ArgumentParser, with_checkpoints: boo
         help="freeze-only and slimfit: score each trained layer's update exactly from AdamW's moments, without a "
         "copy (auto, exact), or on a sample of its weights (sampled: at most 1%% of its bytes); where the optimizer "
         "is not Adam/AdamW, auto samples and exact copies (default: %(default)s)",
+    )
+    train.add_argument(
+        "--freeze-unit",
+        choices=FREEZE_UNIT,
+        default=default("freeze_unit"),
+        help="freeze-only and slimfit: what --freeze-ratio counts: layers (a share of the layers trains each step, "
+        "whatever their size) or parameters (the layers trained each step hold at most that share of the "
+        "parameters; a layer larger than the whole share stays frozen) (default: %(default)s)",
     )
     if with_checkpoints:
         train.add_argument(

@@ -27,7 +27,7 @@ from slimfit.memory import DecodeMeter, SavedTensorMeter
 from slimfit.models import PatchHandle, patch
 from slimfit.optim_state import OPTIMIZER_STATE_POLICIES, OptimizerStateManager
 from slimfit.policy import DEFAULT_POLICY, CompressionPolicy
-from slimfit.scheduler import InterLayerScheduler
+from slimfit.scheduler import FREEZE_UNITS, InterLayerScheduler
 from slimfit.scoring import UpdateScorer, as_number
 
 METRICS = ("rel_l2", "rel_l1_mean")
@@ -62,8 +62,14 @@ class SlimFit:
             wrapper is accepted and its inner module is used. Patched in place.
         optimizer: a ``torch.optim.Optimizer`` (or a wrapper with an ``.optimizer`` attribute, as accelerate
             uses) holding every parameter of ``model`` that requires grad.
-        freeze_ratio: fraction of layers frozen at each step, in ``[0, 1)``;
-            ``K = max(1, round((1 - freeze_ratio) * N))`` of the ``N`` layers train.
+        freeze_ratio: fraction of layers (or, with ``freeze_unit="parameters"``, of their parameters) frozen at
+            each step, in ``[0, 1)``; ``K = max(1, round((1 - freeze_ratio) * N))`` of the ``N`` layers train.
+        freeze_unit: what ``freeze_ratio`` counts. ``"layers"`` (default, as the original SlimFit): ``K`` layers,
+            whatever their size, so a 23M-element embedding and a 384-element LayerNorm weight take one slot
+            each. ``"parameters"``: the trained layers hold at most ``(1 - freeze_ratio)`` of the scheduled
+            layers' elements; layers are taken by score while they fit, so one large layer gives way to several
+            small ones, and gradient memory is bounded by the budget. A layer larger than the whole budget is not
+            scheduled (it stays frozen; a warning names it).
         metric: how a layer's update is scored: ``"rel_l1_mean"`` (default; the original SlimFit's
             ``mean |(W1 - W0) / W0|`` with ``|W0|`` floored at 1e-8) or ``"rel_l2"`` (``||W1 - W0||_2 /
             ||W0||_2``). ``rel_l1_mean`` is dominated by a layer's smallest weights, so a weight initialised to
@@ -100,7 +106,8 @@ class SlimFit:
     ``find_unused_parameters=True`` (see :mod:`slimfit.distributed`).
 
     Layers are parameters with more than one dimension plus normalisation weights (:mod:`slimfit.layers`).
-    After construction and after every :meth:`step`, exactly ``K`` of them have ``requires_grad=True``.
+    After construction and after every :meth:`step`, exactly ``K`` of them (``freeze_unit="layers"``), or layers holding
+    at most ``num_trainable`` elements (``"parameters"``), have ``requires_grad=True``.
 
     Learning rates: each update score is divided by the rate the layer's parameter group had at that step, so
     scores taken during warm-up or decay stay comparable; where the group's ``lr`` is not a number (``None``:
@@ -123,6 +130,7 @@ class SlimFit:
         process_group: torch.distributed.ProcessGroup | None = None,
         scoring: str = "auto",
         always_train: Sequence[str] = (),
+        freeze_unit: str = "layers",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -134,6 +142,8 @@ class SlimFit:
             raise ValueError(
                 f"optimizer_state must be one of {list(OPTIMIZER_STATE_POLICIES)}, got {optimizer_state!r}"
             )
+        if freeze_unit not in FREEZE_UNITS:
+            raise ValueError(f"freeze_unit must be one of {list(FREEZE_UNITS)}, got {freeze_unit!r}")
         if not isinstance(train_biases, bool):
             raise ValueError(f"train_biases must be a bool, got {train_biases!r}")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
@@ -186,13 +196,34 @@ class SlimFit:
         # Nothing in such a group can move, so its biases need no gradient either.
         candidates = [layer.param for layer in split.layers] + [p for _, p in split.auxiliary]
         unscheduled = [p for p in candidates if base_rate.get(id(p)) == 0.0]
-        self.num_trainable = max(1, round((1.0 - self.freeze_ratio) * len(self.layers)))
+        self.freeze_unit = freeze_unit
+        costs = None
+        if freeze_unit == "layers":
+            self.num_trainable = max(1, round((1.0 - self.freeze_ratio) * len(self.layers)))
+        else:
+            total = sum(layer.param.numel() for layer in self.layers)
+            smallest = min(layer.param.numel() for layer in self.layers)
+            self.num_trainable = max(smallest, round((1.0 - self.freeze_ratio) * total))
+            too_large = [layer for layer in self.layers if layer.param.numel() > self.num_trainable]
+            if too_large:
+                warnings.warn(
+                    f"slimfit: {', '.join(f'{x.name} ({x.param.numel():,})' for x in too_large)} "
+                    f"{'is' if len(too_large) == 1 else 'are'} larger than the per-step budget of "
+                    f"{self.num_trainable:,} parameters (freeze_ratio={self.freeze_ratio}) and stay frozen",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                unscheduled += [layer.param for layer in too_large]
+                self.layers = tuple(layer for layer in self.layers if layer.param.numel() <= self.num_trainable)
+            costs = [layer.param.numel() for layer in self.layers]
 
         # Every rank of a distributed job must warm up in the same order: the group's first rank's seed rules.
         self._process_group = process_group
         (seed,) = broadcast_indices([torch.initial_seed() if seed is None else seed], process_group)
         generator = torch.Generator().manual_seed(seed)
-        self.scheduler = InterLayerScheduler(len(self.layers), self.num_trainable, generator)
+        self.scheduler = InterLayerScheduler(len(self.layers), self.num_trainable, generator, costs)
+        # Whether any layer is ever frozen: otherwise there is nothing to choose, so nothing to score.
+        self._chooses = self.num_trainable < (len(self.layers) if costs is None else sum(costs))
         params = [layer.param for layer in self.layers]
         self._scorer = UpdateScorer(params, metric, scoring, seed, optimizer)  # checks scoring
         self._state = OptimizerStateManager(optimizer, optimizer_state)
@@ -277,7 +308,7 @@ class SlimFit:
         self._stepped = True
         # Keep the first snapshot if the optimizer steps twice between sf.step() calls: a copied or sampled
         # layer's score then covers the whole change. With K == N there is nothing to choose, so nothing to copy.
-        if not self._scorer.holding and self.num_trainable < len(self.layers):
+        if not self._scorer.holding and self._chooses:
             rate_of = {
                 id(p): as_number(group.get("lr")) for group in self.optimizer.param_groups for p in group["params"]
             }
@@ -318,6 +349,7 @@ class SlimFit:
             "layer_names": self.layer_names,
             "layer_shapes": [list(layer.param.shape) for layer in self.layers],
             "freeze_ratio": self.freeze_ratio,
+            "freeze_unit": self.freeze_unit,
             "metric": self.metric,
             "scheduler": self.scheduler.state_dict(),
             "scoring_seed": self._scorer.seed,
@@ -333,6 +365,9 @@ class SlimFit:
         self._check_active()
         if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
             raise ValueError(f"state must be a SlimFit state_dict (format {_STATE_FORMAT}), got {type(state).__name__}")
+        saved_unit = state.get("freeze_unit", "layers")  # states from before freeze units existed counted layers
+        if saved_unit != self.freeze_unit:
+            raise ValueError(f"state was saved with freeze_unit={saved_unit!r}, this SlimFit has {self.freeze_unit!r}")
         names = list(state["layer_names"])
         if names != self.layer_names:
             diff = next((f"{a!r} vs {b!r}" for a, b in zip(names, self.layer_names, strict=False) if a != b), "")
@@ -471,7 +506,8 @@ class SlimFit:
 
     def __repr__(self) -> str:
         return (
-            f"SlimFit(layers={len(self.layers)}, trainable={self.num_trainable}, freeze_ratio={self.freeze_ratio}, "
+            f"SlimFit(layers={len(self.layers)}, freeze_unit={self.freeze_unit!r}, trainable={self.num_trainable}, "
+            f"freeze_ratio={self.freeze_ratio}, "
             f"metric={self.metric!r}, scoring={self._scorer.mode!r}, optimizer_state={self._state.policy!r}, "
             f"step={self.scheduler.step_count})"
         )

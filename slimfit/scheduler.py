@@ -2,14 +2,16 @@
 
 Pure bookkeeping over layer indices ``0 .. N-1``; it knows nothing about models or optimizers.
 
-* Every step exactly ``K`` layers train.
+* Every step the chosen layers' costs add up to at most a budget. With unit costs (the default) the budget is a
+  layer count ``K`` and exactly ``K`` layers train; with ``costs`` (e.g. parameter counts) the ranked layers are
+  taken in order while they fit, skipping one that does not (a smaller one further down may still fit).
 * A layer that has never been scored is *pending*. Pending layers are chosen before scored ones, in a
   random order drawn once at construction (the *warm-up order*), so the first ``ceil(N / K)`` steps are a
   random round-robin in which every layer trains at least once. This replaces the original SlimFit trick
   of initialising scores with huge random values, which a genuinely large score could beat.
 * After a step, the layers that trained get a fresh score; frozen layers keep theirs. The next set is
   the pending layers in warm-up order followed by the scored layers by descending score (ties broken by
-  layer index), cut at ``K``.
+  layer index), cut at the budget.
 * A non-finite score is rejected: the layer keeps its previous score (or stays pending), so one bad step
   cannot poison the schedule.
 
@@ -23,27 +25,47 @@ from typing import Any
 
 import torch
 
+FREEZE_UNITS = ("layers", "parameters")
+"""What a freeze ratio counts (slimfit.SlimFit's ``freeze_unit``): layers (unit costs) or their parameters (costs =
+element counts)."""
+
 
 class InterLayerScheduler:
-    """Chooses which ``num_trainable`` of ``num_layers`` layers train at each step.
+    """Chooses which of ``num_layers`` layers train at each step, within a budget of ``num_trainable``.
 
     Args:
         num_layers: number of schedulable layers ``N`` (at least 1).
-        num_trainable: layers trained per step ``K``, ``1 <= K <= N``.
+        num_trainable: the per-step budget: a layer count ``K``, ``1 <= K <= N``, or with ``costs`` the most
+            their sum may reach (at least the largest cost, so every layer can train; all train if it is the sum).
         generator: source of the warm-up order; ``None`` uses torch's default generator.
+        costs: what each layer takes of the budget (positive ints, one per layer); ``None``: 1 each.
     """
 
-    def __init__(self, num_layers: int, num_trainable: int, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        num_trainable: int,
+        generator: torch.Generator | None = None,
+        costs: Sequence[int] | None = None,
+    ) -> None:
         if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
             raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+        if costs is not None:
+            costs = list(costs)
+            if len(costs) != num_layers or not all(
+                isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in costs
+            ):
+                raise ValueError(f"costs must be {num_layers} positive ints, got {costs!r}")
+        low, high = (1, num_layers) if costs is None else (max(costs), None)  # a costed budget may exceed the sum
         if (
             not isinstance(num_trainable, int)
             or isinstance(num_trainable, bool)
-            or not 1 <= num_trainable <= num_layers
+            or not low <= num_trainable <= (high or num_trainable)
         ):
-            raise ValueError(f"num_trainable must be an int in [1, {num_layers}], got {num_trainable!r}")
+            raise ValueError(f"num_trainable must be an int in [{low}, {high or 'any'}], got {num_trainable!r}")
         self.num_layers = num_layers
         self.num_trainable = num_trainable
+        self.costs = costs
         self.scores = torch.zeros(num_layers, dtype=torch.float32)
         self.scored = torch.zeros(num_layers, dtype=torch.bool)
         self.warmup_order = torch.randperm(num_layers, generator=generator)
@@ -79,7 +101,14 @@ class InterLayerScheduler:
         scores = self.scores.tolist()
         pending = [i for i in self.warmup_order.tolist() if not scored[i]]
         ranked = sorted((i for i in range(self.num_layers) if scored[i]), key=lambda i: (-scores[i], i))
-        return sorted((pending + ranked)[: self.num_trainable])
+        if self.costs is None:
+            return sorted((pending + ranked)[: self.num_trainable])
+        chosen, left = [], self.num_trainable
+        for i in pending + ranked:
+            if self.costs[i] <= left:
+                chosen.append(i)
+                left -= self.costs[i]
+        return sorted(chosen)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the schedule exactly, as plain Python values.
@@ -90,6 +119,7 @@ class InterLayerScheduler:
         return {
             "num_layers": self.num_layers,
             "num_trainable": self.num_trainable,
+            "costs": self.costs,
             "scores": self.scores.tolist(),
             "scored": self.scored.tolist(),
             "warmup_order": self.warmup_order.tolist(),
@@ -99,7 +129,7 @@ class InterLayerScheduler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; the layer count and ``K`` must match this scheduler."""
-        for key in ("num_layers", "num_trainable"):
+        for key in ("num_layers", "num_trainable", "costs"):
             if state.get(key) != getattr(self, key):
                 raise ValueError(
                     f"scheduler state has {key}={state.get(key)!r}, this scheduler has {getattr(self, key)}"
@@ -112,7 +142,8 @@ class InterLayerScheduler:
         self.warmup_order = order.clone()
         self.step_count = int(state["step"])
         self._trainable = sorted(int(i) for i in state["trainable"])
-        if len(self._trainable) != self.num_trainable:
+        taken = sum(1 if self.costs is None else self.costs[i] for i in self._trainable)
+        if (taken != self.num_trainable) if self.costs is None else (taken > self.num_trainable):
             raise ValueError(
-                f"scheduler state lists {len(self._trainable)} trainable layers, expected {self.num_trainable}"
+                f"scheduler state lists trainable layers that take {taken} of a budget of {self.num_trainable}"
             )

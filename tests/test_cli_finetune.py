@@ -407,11 +407,13 @@ def test_attention_left_uncompressed_is_reported(assets, tmp_path, capsys, monke
     assert [entry.split(" ")[0] for entry in reported] == names
 
 
-def test_resumed_run_reproduces_the_uninterrupted_one(assets, tmp_path):
+@pytest.mark.parametrize("freeze_unit", ["layers", "parameters"])
+def test_resumed_run_reproduces_the_uninterrupted_one(assets, tmp_path, freeze_unit):
     """Checkpoints every 3 steps into --output; a run resumed from step 3 logs the same losses and ends with the
     same metrics as the run that went through."""
     whole = tmp_path / "whole"
     argv = finetune(assets, "--freeze-ratio", "0.5", "--gradient-accumulation-steps", "2", "--batch-size", "4")
+    argv += ["--freeze-unit", freeze_unit]
     argv[argv.index("--max-steps") + 1] = "6"
     assert cli.main([*argv, "--save-steps", "3", "--output", str(whole)]) == 0
     assert sorted(p.name for p in whole.iterdir() if p.is_dir()) == ["checkpoint-3", "checkpoint-6", "model"]
@@ -430,7 +432,9 @@ def test_resumed_run_reproduces_the_uninterrupted_one(assets, tmp_path):
         assert float(after["loss"]) == pytest.approx(float(before["loss"]), rel=1e-6), after["step"]
         assert float(after["lr"]) == float(before["lr"])
         assert after["trainable_layers"] == before["trainable_layers"]
+    assert len({r["trainable_layers"] for r in uninterrupted}) > 1 or freeze_unit == "layers"  # parameters: sets differ
     first, second = (json.loads((f / "metrics.json").read_text()) for f in (whole, resumed))
+    assert first["config"]["freeze_unit"] == second["config"]["freeze_unit"] == freeze_unit
     assert second["accuracy"] == first["accuracy"] and second["f1"] == pytest.approx(first["f1"], rel=1e-9)
     weights = [load_file(folder / "model" / "model.safetensors") for folder in (whole, resumed)]
     torch.testing.assert_close(weights[1], weights[0])

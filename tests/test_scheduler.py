@@ -1,5 +1,6 @@
 """Inter-layer scheduling: warm-up, top-K choice, score bookkeeping, determinism and fault tolerance."""
 
+import json
 import math
 import warnings
 
@@ -214,3 +215,158 @@ def test_slimfit_keeps_exactly_k_layers_trainable(depth, norm, freeze_ratio, see
         seen |= set(sf.trainable_layers())
     assert sum(layer.param.requires_grad for layer in sf.layers) == k
     assert seen == set(sf.layer_names)  # the warm-up visited every layer
+
+
+# ---------------------------------------------------------------------------------------------- costed budgets
+
+
+def test_costed_choice_takes_ranked_layers_while_they_fit_and_skips_the_rest():
+    costs = [5, 1, 3, 2, 4, 1]
+    sched = InterLayerScheduler(6, 6, torch.Generator().manual_seed(0), costs=costs)
+    for _ in range(6):  # warm-up: score everything once
+        sched.step(sched.trainable, torch.ones(len(sched.trainable)))
+    assert bool(sched.scored.all())
+    sched.scores[:] = torch.tensor([6.0, 5.0, 4.0, 3.0, 2.0, 1.0])  # ranked 0, 1, 2, 3, 4, 5
+    sched.step([], torch.empty(0))
+    # 0 (5) fits, 1 (1) fills the budget of 6; nothing else fits.
+    assert sched.trainable == [0, 1]
+    sched.scores[:] = torch.tensor([1.0, 2.0, 6.0, 5.0, 4.0, 3.0])  # ranked 2, 3, 4, 5, 1, 0
+    sched.step([], torch.empty(0))
+    # 2 (3) and 3 (2) fit, 4 (4) does not with 1 left, 5 (1) does; then nothing is left.
+    assert sched.trainable == [2, 3, 5]
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_costed_sets_fit_are_maximal_and_the_warmup_visits_everything(data):
+    n = data.draw(st.integers(1, 30))
+    costs = data.draw(st.lists(st.integers(1, 50), min_size=n, max_size=n))
+    budget = data.draw(st.integers(max(costs), sum(costs)))
+    sched = InterLayerScheduler(n, budget, torch.Generator().manual_seed(data.draw(st.integers(0, 2**31))), costs)
+    seen: set[int] = set()
+    for _ in range(n):  # at least one pending layer trains per warm-up step, so n steps always suffice
+        chosen = sched.trainable
+        taken = sum(costs[i] for i in chosen)
+        assert chosen and taken <= budget
+        # Maximal: every layer left out is larger than what is left of the budget.
+        assert all(costs[i] > budget - taken for i in range(n) if i not in chosen)
+        seen |= set(chosen)
+        sched.step(chosen, torch.rand(len(chosen)) + 0.1)
+    assert seen == set(range(n)) and bool(sched.scored.all())
+
+
+def test_unit_costs_choose_as_a_layer_count():
+    a = InterLayerScheduler(9, 3, torch.Generator().manual_seed(4))
+    b = InterLayerScheduler(9, 3, torch.Generator().manual_seed(4), costs=[1] * 9)
+    for row in torch.rand(8, 3):
+        assert a.trainable == b.trainable
+        a.step(a.trainable, row)
+        b.step(b.trainable, row)
+
+
+def test_costed_state_dict_round_trip_and_mismatch():
+    costs = [4, 1, 2, 3, 1, 5, 2]
+    a = InterLayerScheduler(7, 6, torch.Generator().manual_seed(2), costs)
+    for _ in range(5):
+        a.step(a.trainable, torch.rand(len(a.trainable)))
+    b = InterLayerScheduler(7, 6, torch.Generator().manual_seed(9), costs)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    for _ in range(10):
+        row = torch.rand(len(a.trainable))
+        a.step(a.trainable, row)
+        b.step(b.trainable, row)
+        assert a.trainable == b.trainable
+    with pytest.raises(ValueError, match="costs"):
+        InterLayerScheduler(7, 6, costs=[4, 1, 2, 3, 1, 5, 1]).load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="costs"):
+        InterLayerScheduler(7, 6).load_state_dict(a.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("costs", "budget"), [([1, 2], 1), ([1, 2], 2.5), ([1, 0], 1), ([1, 2, 3], 3), ([1.0, 2], 2), ([True, 2], 2)]
+)
+def test_costed_bad_input_raises(costs, budget):
+    with pytest.raises(ValueError):
+        InterLayerScheduler(2, budget, costs=costs)
+
+
+def _embedding_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(100, 16), nn.Linear(16, 16), nn.LayerNorm(16), nn.Linear(16, 8), nn.Linear(8, 3))
+
+
+def _train_sets(model, opt, sf, steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sets = []
+    for _ in range(steps):
+        sets.append(sf.trainable_layers())
+        tokens = torch.randint(0, 100, (4, 5), generator=g)
+        model(tokens).mean(1).square().sum().backward()
+        opt.step()
+        sf.step()
+        opt.zero_grad()
+    return sets
+
+
+def test_freeze_unit_parameters_bounds_trained_elements_and_leaves_too_large_layers_frozen():
+    model = _embedding_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    # Layers: embedding 1600, Linear 256, LayerNorm 16, Linear 128, Linear 24 (2024 elements): 15% is 304.
+    with pytest.warns(RuntimeWarning, match=r"0\.weight \(1,600\) is larger than the per-step budget of 304"):
+        sf = SlimFit(model, opt, freeze_ratio=0.85, freeze_unit="parameters", compression=None, seed=0)
+    assert sf.freeze_unit == "parameters" and sf.num_trainable == 304
+    assert sf.layer_names == ["1.weight", "2.weight", "3.weight", "4.weight"]
+    sizes = {name: p.numel() for name, p in model.named_parameters()}
+    sets = _train_sets(model, opt, sf, 12)
+    assert {name for s in sets for name in s} == set(sf.layer_names)
+    for chosen in sets:
+        assert sum(sizes[name] for name in chosen) <= 304
+    assert len({tuple(s) for s in sets}) > 1
+    assert not model[0].weight.requires_grad and model[0].weight.grad is None
+    assert "freeze_unit='parameters'" in repr(sf)
+
+
+def test_freeze_unit_parameters_is_deterministic_and_resumes_exactly():
+    def fresh():
+        model = _embedding_model()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            sf = SlimFit(model, opt, freeze_ratio=0.8, freeze_unit="parameters", compression=None, seed=3)
+        return model, opt, sf
+
+    model, opt, sf = fresh()
+    reference = _train_sets(model, opt, sf, 16)
+    model, opt, sf = fresh()
+    assert _train_sets(model, opt, sf, 16) == reference
+    model, opt, sf = fresh()
+    first = _train_sets(model, opt, sf, 7)
+    checkpoint = {"model": model.state_dict(), "opt": opt.state_dict(), "sf": json.loads(json.dumps(sf.state_dict()))}
+    model, opt, sf = fresh()
+    model.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["opt"])
+    sf.load_state_dict(checkpoint["sf"])
+    # The rest of the data stream: replay the generator past the first 7 batches.
+    g = torch.Generator().manual_seed(0)
+    for _ in range(7):
+        torch.randint(0, 100, (4, 5), generator=g)
+    rest = []
+    for _ in range(9):
+        rest.append(sf.trainable_layers())
+        model(torch.randint(0, 100, (4, 5), generator=g)).mean(1).square().sum().backward()
+        opt.step()
+        sf.step()
+        opt.zero_grad()
+    assert first + rest == reference
+    # A state saved with one freeze unit does not load under the other.
+    model = _embedding_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    layers = SlimFit(model, opt, freeze_ratio=0.8, compression=None, seed=3)
+    with pytest.raises(ValueError, match="freeze_unit='parameters'"):
+        layers.load_state_dict(checkpoint["sf"])
+
+
+def test_bad_freeze_unit_raises():
+    model = _embedding_model()
+    with pytest.raises(ValueError, match=r"freeze_unit must be one of \['layers', 'parameters'\], got 'bytes'"):
+        SlimFit(model, torch.optim.SGD(model.parameters(), lr=0.1), freeze_unit="bytes", compression=None)

@@ -268,6 +268,7 @@ def train(
             compression=compression,
             optimizer_state=config.optimizer_state,
             scoring=config.scoring,
+            freeze_unit=config.freeze_unit,
             always_train=[name for name, _ in model.named_children() if name in task.new_head],
         )
         callbacks.append(recorder.slimfit_callback)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from slimfit.data import DataError
+from slimfit.scheduler import FREEZE_UNITS
 from slimfit.scoring import SCORING_MODES
 
 METHODS = ("full", "freeze-only", "slimfit", "grad-ckpt", "lora")
@@ -22,6 +23,8 @@ OPTIMIZER_STATE = ("offload", "keep", "drop")
 """Where a frozen layer's optimizer state stays (slimfit.optim_state): first the default."""
 SCORING = SCORING_MODES
 """How a trained layer's update is scored (slimfit.scoring): first the default."""
+FREEZE_UNIT = FREEZE_UNITS
+"""What --freeze-ratio counts (slimfit.SlimFit's ``freeze_unit``): first the default."""
 TASKS = ("classification", "regression", "question-answering", "image-classification", "causal-lm")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -74,6 +77,7 @@ class FinetuneConfig:
     compression_bits: int = 8  # slimfit: bits of every quantized activation (COMPRESSION_BITS)
     optimizer_state: str = "offload"  # freeze-only and slimfit: OPTIMIZER_STATE
     scoring: str = "auto"  # freeze-only and slimfit: slimfit.scoring.SCORING_MODES
+    freeze_unit: str = "layers"  # freeze-only and slimfit: FREEZE_UNIT
     memory_budget: int | None = None  # bytes; finetune chooses the settings that fit (slimfit.finetune.budget)
     save_steps: int | None = None  # write a Trainer checkpoint into --output every this many optimizer steps
     resume_from_checkpoint: str | None = None  # a checkpoint folder written with --save-steps
@@ -109,6 +113,7 @@ def check_config(config: FinetuneConfig) -> None:
         "compression_bits": COMPRESSION_BITS,
         "optimizer_state": OPTIMIZER_STATE,
         "scoring": SCORING,
+        "freeze_unit": FREEZE_UNIT,
     }
     for name, accepted in choices.items():
         if getattr(config, name) not in accepted:
