@@ -209,7 +209,8 @@ class SlimFit:
                 warnings.warn(
                     f"slimfit: {', '.join(f'{x.name} ({x.param.numel():,})' for x in too_large)} "
                     f"{'is' if len(too_large) == 1 else 'are'} larger than the per-step budget of "
-                    f"{self.num_trainable:,} parameters (freeze_ratio={self.freeze_ratio}) and stay frozen",
+                    f"{self.num_trainable:,} parameters (freeze_ratio={self.freeze_ratio}) and "
+                    f"{'stays' if len(too_large) == 1 else 'stay'} frozen",
                     RuntimeWarning,
                     stacklevel=2,
                 )
