@@ -223,8 +223,6 @@ class SlimFit:
         (seed,) = broadcast_indices([torch.initial_seed() if seed is None else seed], process_group)
         generator = torch.Generator().manual_seed(seed)
         self.scheduler = InterLayerScheduler(len(self.layers), self.num_trainable, generator, costs)
-        # Whether any layer is ever frozen: otherwise there is nothing to choose, so nothing to score.
-        self._chooses = self.num_trainable < (len(self.layers) if costs is None else sum(costs))
         params = [layer.param for layer in self.layers]
         self._scorer = UpdateScorer(params, metric, scoring, seed, optimizer)  # checks scoring
         self._state = OptimizerStateManager(optimizer, optimizer_state)
@@ -308,8 +306,9 @@ class SlimFit:
             )
         self._stepped = True
         # Keep the first snapshot if the optimizer steps twice between sf.step() calls: a copied or sampled
-        # layer's score then covers the whole change. With K == N there is nothing to choose, so nothing to copy.
-        if not self._scorer.holding and self._chooses:
+        # layer's score then covers the whole change. When every layer trains there is nothing to choose, so nothing
+        # to copy.
+        if not self._scorer.holding and self.scheduler.chooses:
             rate_of = {
                 id(p): as_number(group.get("lr")) for group in self.optimizer.param_groups for p in group["params"]
             }

@@ -56,13 +56,13 @@ class InterLayerScheduler:
                 isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in costs
             ):
                 raise ValueError(f"costs must be {num_layers} positive ints, got {costs!r}")
-        low, high = (1, num_layers) if costs is None else (max(costs), None)  # a costed budget may exceed the sum
-        if (
-            not isinstance(num_trainable, int)
-            or isinstance(num_trainable, bool)
-            or not low <= num_trainable <= (high or num_trainable)
-        ):
-            raise ValueError(f"num_trainable must be an int in [{low}, {high or 'any'}], got {num_trainable!r}")
+        # A layer count lies in [1, N]; a costed budget must hold the largest layer and may exceed the sum.
+        accepted = f"in [1, {num_layers}]" if costs is None else f"at least {max(costs)}"
+        in_range = isinstance(num_trainable, int) and (
+            1 <= num_trainable <= num_layers if costs is None else num_trainable >= max(costs)
+        )
+        if isinstance(num_trainable, bool) or not in_range:
+            raise ValueError(f"num_trainable must be an int {accepted}, got {num_trainable!r}")
         self.num_layers = num_layers
         self.num_trainable = num_trainable
         self.costs = costs
@@ -71,6 +71,11 @@ class InterLayerScheduler:
         self.warmup_order = torch.randperm(num_layers, generator=generator)
         self.step_count = 0
         self._trainable = self._select()
+
+    @property
+    def chooses(self) -> bool:
+        """Whether the budget leaves any layer frozen; otherwise every layer trains at every step."""
+        return self.num_trainable < (self.num_layers if self.costs is None else sum(self.costs))
 
     @property
     def trainable(self) -> list[int]:
