@@ -374,6 +374,14 @@ def _add_training_options(parser: argparse.ArgumentParser, with_checkpoints: boo
         "whatever their size) or parameters (the layers trained each step hold at most that share of the "
         "parameters; a layer larger than the whole share stays frozen) (default: %(default)s)",
     )
+    train.add_argument(
+        "--revisit-rounds",
+        type=int,
+        default=default("revisit_rounds"),
+        help="freeze-only and slimfit: a layer frozen this many rounds in a row (a round: the steps it takes to "
+        "train every layer once at the freeze ratio) trains at the next step, ahead of the score ranking; 0: no "
+        "bound, as the original SlimFit (default: %(default)s)",
+    )
     if with_checkpoints:
         train.add_argument(
             "--save-steps",

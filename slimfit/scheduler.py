@@ -12,6 +12,9 @@ Pure bookkeeping over layer indices ``0 .. N-1``; it knows nothing about models 
 * After a step, the layers that trained get a fresh score; frozen layers keep theirs. The next set is
   the pending layers in warm-up order followed by the scored layers by descending score (ties broken by
   layer index), cut at the budget.
+* With ``max_frozen_steps`` set, a scored layer that has been frozen for that many steps in a row is *due*: due
+  layers are chosen after pending ones and before the ranked rest, longest frozen first, so a layer whose last
+  score was low is still revisited (its score may have gone stale while the rest of the model moved).
 * A non-finite score is rejected: the layer keeps its previous score (or stays pending), so one bad step
   cannot poison the schedule.
 
@@ -39,6 +42,9 @@ class InterLayerScheduler:
             their sum may reach (at least the largest cost, so every layer can train; all train if it is the sum).
         generator: source of the warm-up order; ``None`` uses torch's default generator.
         costs: what each layer takes of the budget (positive ints, one per layer); ``None``: 1 each.
+        max_frozen_steps: how many steps in a row a scored layer may stay frozen before it is chosen ahead of the
+            ranking (a positive int), or ``None`` for no bound. Due layers that do not fit the budget wait for the
+            next step, longest frozen first.
     """
 
     def __init__(
@@ -47,6 +53,7 @@ class InterLayerScheduler:
         num_trainable: int,
         generator: torch.Generator | None = None,
         costs: Sequence[int] | None = None,
+        max_frozen_steps: int | None = None,
     ) -> None:
         if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
             raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
@@ -63,11 +70,18 @@ class InterLayerScheduler:
         )
         if isinstance(num_trainable, bool) or not in_range:
             raise ValueError(f"num_trainable must be an int {accepted}, got {num_trainable!r}")
+        if max_frozen_steps is not None and (
+            not isinstance(max_frozen_steps, int) or isinstance(max_frozen_steps, bool) or max_frozen_steps < 1
+        ):
+            raise ValueError(f"max_frozen_steps must be a positive int or None, got {max_frozen_steps!r}")
         self.num_layers = num_layers
         self.num_trainable = num_trainable
         self.costs = costs
+        self.max_frozen_steps = max_frozen_steps
         self.scores = torch.zeros(num_layers, dtype=torch.float32)
         self.scored = torch.zeros(num_layers, dtype=torch.bool)
+        # The step at which each layer last trained (was scored); -1: never.
+        self.last_trained = torch.full((num_layers,), -1, dtype=torch.long)
         self.warmup_order = torch.randperm(num_layers, generator=generator)
         self.step_count = 0
         self._trainable = self._select()
@@ -97,6 +111,7 @@ class InterLayerScheduler:
         finite = torch.isfinite(new)
         self.scores[idx[finite]] = new[finite]
         self.scored[idx[finite]] = True
+        self.last_trained[idx] = self.step_count
         self.step_count += 1
         self._trainable = self._select()
         return idx[~finite].tolist()
@@ -105,11 +120,23 @@ class InterLayerScheduler:
         scored = self.scored.tolist()
         scores = self.scores.tolist()
         pending = [i for i in self.warmup_order.tolist() if not scored[i]]
-        ranked = sorted((i for i in range(self.num_layers) if scored[i]), key=lambda i: (-scores[i], i))
+        due: list[int] = []
+        if self.max_frozen_steps is not None:
+            # Frozen in steps last + 1 .. step_count - 1; due if freezing it now would exceed the bound.
+            last = self.last_trained.tolist()
+            overdue = [
+                i for i in range(self.num_layers) if scored[i] and self.step_count - last[i] > self.max_frozen_steps
+            ]
+            due = sorted(overdue, key=lambda i: (last[i], i))
+        taken = set(due)
+        ranked = sorted(
+            (i for i in range(self.num_layers) if scored[i] and i not in taken), key=lambda i: (-scores[i], i)
+        )
+        order = pending + due + ranked
         if self.costs is None:
-            return sorted((pending + ranked)[: self.num_trainable])
+            return sorted(order[: self.num_trainable])
         chosen, left = [], self.num_trainable
-        for i in pending + ranked:
+        for i in order:
             if self.costs[i] <= left:
                 chosen.append(i)
                 left -= self.costs[i]
@@ -125,8 +152,10 @@ class InterLayerScheduler:
             "num_layers": self.num_layers,
             "num_trainable": self.num_trainable,
             "costs": self.costs,
+            "max_frozen_steps": self.max_frozen_steps,
             "scores": self.scores.tolist(),
             "scored": self.scored.tolist(),
+            "last_trained": self.last_trained.tolist(),
             "warmup_order": self.warmup_order.tolist(),
             "step": self.step_count,
             "trainable": list(self._trainable),
@@ -134,7 +163,7 @@ class InterLayerScheduler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; the layer count and ``K`` must match this scheduler."""
-        for key in ("num_layers", "num_trainable", "costs"):
+        for key in ("num_layers", "num_trainable", "costs", "max_frozen_steps"):
             if state.get(key) != getattr(self, key):
                 raise ValueError(
                     f"scheduler state has {key}={state.get(key)!r}, this scheduler has {getattr(self, key)}"
@@ -144,6 +173,10 @@ class InterLayerScheduler:
             raise ValueError("scheduler state has a warmup_order that is not a permutation of the layers")
         self.scores = torch.as_tensor(state["scores"], dtype=torch.float32).clone().reshape(self.num_layers)
         self.scored = torch.as_tensor(state["scored"], dtype=torch.bool).clone().reshape(self.num_layers)
+        # States written before the bound existed carry no last_trained (and no bound): never trained is exact
+        # enough, as nothing reads it without a bound.
+        last = state.get("last_trained", [-1] * self.num_layers)
+        self.last_trained = torch.as_tensor(last, dtype=torch.long).clone().reshape(self.num_layers)
         self.warmup_order = order.clone()
         self.step_count = int(state["step"])
         self._trainable = sorted(int(i) for i in state["trainable"])

@@ -146,6 +146,12 @@ def test_unknown_model_path(assets, tmp_path, capsys):
     expect_error(capsys, argv, "--model", "no-model")
 
 
+def test_revisit_rounds_must_not_be_negative(assets, tmp_path, capsys):
+    argv = finetune(assets, "--revisit-rounds", "-1", "--output", str(tmp_path / "o"))
+    expect_error(capsys, argv, "--revisit-rounds: -1 must be at least 0 (0: no bound)")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("option", ["--lr", "--slimfit-lr", "--lora-lr"])
 @pytest.mark.parametrize("value", ["0", "-0.001", "nan"])
 def test_learning_rates_must_be_positive(assets, tmp_path, capsys, option, value):
@@ -407,13 +413,15 @@ def test_attention_left_uncompressed_is_reported(assets, tmp_path, capsys, monke
     assert [entry.split(" ")[0] for entry in reported] == names
 
 
-@pytest.mark.parametrize("freeze_unit", ["layers", "parameters"])
-def test_resumed_run_reproduces_the_uninterrupted_one(assets, tmp_path, freeze_unit):
+@pytest.mark.parametrize(
+    ("freeze_unit", "revisit_rounds"), [("layers", 0), ("parameters", 0), ("layers", 1), ("parameters", 3)]
+)
+def test_resumed_run_reproduces_the_uninterrupted_one(assets, tmp_path, freeze_unit, revisit_rounds):
     """Checkpoints every 3 steps into --output; a run resumed from step 3 logs the same losses and ends with the
     same metrics as the run that went through."""
     whole = tmp_path / "whole"
     argv = finetune(assets, "--freeze-ratio", "0.5", "--gradient-accumulation-steps", "2", "--batch-size", "4")
-    argv += ["--freeze-unit", freeze_unit]
+    argv += ["--freeze-unit", freeze_unit, "--revisit-rounds", str(revisit_rounds)]
     argv[argv.index("--max-steps") + 1] = "6"
     assert cli.main([*argv, "--save-steps", "3", "--output", str(whole)]) == 0
     assert sorted(p.name for p in whole.iterdir() if p.is_dir()) == ["checkpoint-3", "checkpoint-6", "model"]
@@ -435,6 +443,7 @@ def test_resumed_run_reproduces_the_uninterrupted_one(assets, tmp_path, freeze_u
     assert len({r["trainable_layers"] for r in uninterrupted}) > 1 or freeze_unit == "layers"  # parameters: sets differ
     first, second = (json.loads((f / "metrics.json").read_text()) for f in (whole, resumed))
     assert first["config"]["freeze_unit"] == second["config"]["freeze_unit"] == freeze_unit
+    assert first["config"]["revisit_rounds"] == second["config"]["revisit_rounds"] == revisit_rounds
     assert second["accuracy"] == first["accuracy"] and second["f1"] == pytest.approx(first["f1"], rel=1e-9)
     weights = [load_file(folder / "model" / "model.safetensors") for folder in (whole, resumed)]
     torch.testing.assert_close(weights[1], weights[0])

@@ -191,7 +191,7 @@ def train_slimfit(
     return sets
 
 
-def slimfit_ddp_worker(rank: int, port: int, out: str, freeze_unit: str) -> None:
+def slimfit_ddp_worker(rank: int, port: int, out: str, options: dict[str, Any]) -> None:
     with ddp_worker_group(rank, port):
         model = make_model()
         ddp = DistributedDataParallel(model, find_unused_parameters=True)
@@ -199,20 +199,23 @@ def slimfit_ddp_worker(rank: int, port: int, out: str, freeze_unit: str) -> None
         torch.manual_seed(100 + rank)  # ranks' RNGs differ on purpose
         x, y = make_data()
         local = slice(rank * 2, rank * 2 + 2)
-        sets = train_slimfit(ddp, x[:, local], y[:, local], freeze_unit=freeze_unit)
+        sets = train_slimfit(ddp, x[:, local], y[:, local], **options)
         weights = {n: p.detach().clone() for n, p in model.named_parameters()}
         torch.save({"sets": sets, "weights": weights}, f"{out}.{rank}")
 
 
 # Parameters: the three Linears hold 128, 256 and 48 elements, a budget of 259 takes 256 alone or 128 + 48.
-@pytest.mark.parametrize("freeze_unit", ["layers", "parameters"])
-def test_slimfit_under_ddp_matches_one_process_with_the_global_batch(tmp_path, freeze_unit):
+@pytest.mark.parametrize(
+    "options",
+    [{"revisit_rounds": None}, {}, {"freeze_unit": "parameters"}, {"freeze_unit": "parameters", "revisit_rounds": 1}],
+)
+def test_slimfit_under_ddp_matches_one_process_with_the_global_batch(tmp_path, options):
     out = str(tmp_path / "slimfit")
-    mp.start_processes(slimfit_ddp_worker, args=(free_port(), out, freeze_unit), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(slimfit_ddp_worker, args=(free_port(), out, options), nprocs=WORLD, start_method="spawn")
     ranks = [torch.load(f"{out}.{r}") for r in range(WORLD)]
     single = make_model()
     x, y = make_data()
-    sets = train_slimfit(single, x, y, freeze_unit=freeze_unit)
+    sets = train_slimfit(single, x, y, **options)
     assert ranks[0]["sets"] == ranks[1]["sets"] == sets
     assert len({tuple(s) for s in sets}) > 1
     for name, p in single.named_parameters():

@@ -290,6 +290,74 @@ def test_costed_bad_input_raises(costs, budget):
         InterLayerScheduler(2, budget, costs=costs)
 
 
+def test_max_frozen_steps_revisits_the_longest_frozen_layer_ahead_of_the_ranking():
+    sched = InterLayerScheduler(4, 1, torch.Generator().manual_seed(0), max_frozen_steps=2)
+    for _ in range(4):  # warm-up: one layer per step, in warm-up order
+        sched.step(sched.trainable, torch.ones(1))
+    order = sched.warmup_order.tolist()
+    assert sched.last_trained[order].tolist() == [0, 1, 2, 3]
+    top = order[3]
+    sched.scores[:] = 0.0
+    sched.scores[top] = 1.0  # the last layer of the warm-up always ranks first
+    # Step 4: order[0] and order[1] have been frozen 3 and 2 steps; freezing either again would exceed 2, so both
+    # are due and the budget of one takes the longer frozen, order[0]. Step 5: order[1] (it waited: a bound below
+    # ceil(N / K) cannot always hold); step 6: order[2]; step 7: top, now the longest frozen; step 8: order[0].
+    chosen = []
+    for _ in range(5):
+        chosen.append(sched.trainable)
+        sched.step(sched.trainable, torch.tensor([1.0 if sched.trainable == [top] else 0.0]))
+    assert chosen == [[order[0]], [order[1]], [order[2]], [top], [order[0]]]
+
+
+def test_max_frozen_steps_none_ranks_as_before():
+    bounded = InterLayerScheduler(6, 2, torch.Generator().manual_seed(1), max_frozen_steps=1000)
+    plain = InterLayerScheduler(6, 2, torch.Generator().manual_seed(1))
+    for row in torch.rand(12, 2):
+        assert bounded.trainable == plain.trainable
+        bounded.step(bounded.trainable, row)
+        plain.step(plain.trainable, row)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 40), data=st.data())
+def test_no_layer_stays_frozen_longer_than_the_bound(n, data):
+    k = data.draw(st.integers(1, n - 1))
+    bound = data.draw(st.integers(math.ceil(n / k), 3 * math.ceil(n / k)))
+    sched = InterLayerScheduler(n, k, torch.Generator().manual_seed(data.draw(st.integers(0, 2**31))), None, bound)
+    frozen_for = [0] * n
+    scores = torch.rand(n) ** 4  # a few layers dominate, so the ranking alone would starve the rest
+    for step in range(6 * math.ceil(n / k) + bound):
+        chosen = sched.trainable
+        assert len(chosen) == k
+        for i in range(n):
+            frozen_for[i] = 0 if i in chosen else frozen_for[i] + 1
+            if sched.scored[i]:
+                assert frozen_for[i] <= bound, (step, i)
+        sched.step(chosen, scores[chosen] * (1 + 0.1 * torch.rand(k)))
+
+
+def test_max_frozen_steps_state_round_trip_and_mismatch():
+    a = InterLayerScheduler(7, 2, torch.Generator().manual_seed(2), max_frozen_steps=4)
+    for _ in range(6):
+        a.step(a.trainable, torch.rand(2) ** 4)
+    b = InterLayerScheduler(7, 2, torch.Generator().manual_seed(9), max_frozen_steps=4)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert torch.equal(a.last_trained, b.last_trained)
+    for _ in range(12):
+        row = torch.rand(2) ** 4
+        a.step(a.trainable, row)
+        b.step(b.trainable, row)
+        assert a.trainable == b.trainable
+    with pytest.raises(ValueError, match="max_frozen_steps=4"):
+        InterLayerScheduler(7, 2).load_state_dict(a.state_dict())
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True, "3"])
+def test_bad_max_frozen_steps_raises(bad):
+    with pytest.raises(ValueError, match="max_frozen_steps must be a positive int or None"):
+        InterLayerScheduler(5, 2, max_frozen_steps=bad)
+
+
 def _embedding_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Embedding(100, 16), nn.Linear(16, 16), nn.LayerNorm(16), nn.Linear(16, 8), nn.Linear(8, 3))
@@ -326,23 +394,30 @@ def test_freeze_unit_parameters_bounds_trained_elements_and_leaves_too_large_lay
     assert "freeze_unit='parameters'" in repr(sf)
 
 
-def test_freeze_unit_parameters_is_deterministic_and_resumes_exactly():
-    def fresh():
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [({"freeze_unit": "parameters"}, "freeze_unit='parameters'"), ({"revisit_rounds": 1}, "revisit_rounds=1")],
+)
+def test_schedule_options_are_deterministic_and_resume_exactly(options, named):
+    def fresh(**kwargs):
         model = _embedding_model()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            sf = SlimFit(model, opt, freeze_ratio=0.8, freeze_unit="parameters", compression=None, seed=3)
+            sf = SlimFit(model, opt, freeze_ratio=0.8, compression=None, seed=3, **kwargs)
         return model, opt, sf
 
-    model, opt, sf = fresh()
+    model, opt, sf = fresh(**options)
     reference = _train_sets(model, opt, sf, 16)
-    model, opt, sf = fresh()
+    model, opt, sf = fresh(**options)
     assert _train_sets(model, opt, sf, 16) == reference
+    # The option changes the schedule (else this test could not tell a lost option from a restored one).
     model, opt, sf = fresh()
+    assert _train_sets(model, opt, sf, 16) != reference
+    model, opt, sf = fresh(**options)
     first = _train_sets(model, opt, sf, 7)
     checkpoint = {"model": model.state_dict(), "opt": opt.state_dict(), "sf": json.loads(json.dumps(sf.state_dict()))}
-    model, opt, sf = fresh()
+    model, opt, sf = fresh(**options)
     model.load_state_dict(checkpoint["model"])
     opt.load_state_dict(checkpoint["opt"])
     sf.load_state_dict(checkpoint["sf"])
@@ -358,15 +433,64 @@ def test_freeze_unit_parameters_is_deterministic_and_resumes_exactly():
         sf.step()
         opt.zero_grad()
     assert first + rest == reference
-    # A state saved with one freeze unit does not load under the other.
-    model = _embedding_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    layers = SlimFit(model, opt, freeze_ratio=0.8, compression=None, seed=3)
-    with pytest.raises(ValueError, match="freeze_unit='parameters'"):
-        layers.load_state_dict(checkpoint["sf"])
+    # A state saved with the option does not load without it.
+    with pytest.raises(ValueError, match=named):
+        fresh()[2].load_state_dict(checkpoint["sf"])
 
 
 def test_bad_freeze_unit_raises():
     model = _embedding_model()
     with pytest.raises(ValueError, match=r"freeze_unit must be one of \['layers', 'parameters'\], got 'bytes'"):
         SlimFit(model, torch.optim.SGD(model.parameters(), lr=0.1), freeze_unit="bytes", compression=None)
+
+
+@pytest.mark.parametrize(("freeze_unit", "rounds", "bound"), [("layers", 2, 10), ("parameters", 2, 4)])
+def test_revisit_rounds_bound_every_layer_in_training(freeze_unit, rounds, bound):
+    # Layers: embedding 1600, Linear 256, LayerNorm 16, Linear 128, Linear 24. At 0.8: K = 1 of 5 layers, a round
+    # is 5 steps. By parameters: a budget of 405 of the 2024 elements; the embedding does not fit and is not
+    # scheduled, and a round of the other four (424 elements) is ceil(424 / 405) = 2 steps.
+    model = _embedding_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sf = SlimFit(model, opt, freeze_ratio=0.8, freeze_unit=freeze_unit, revisit_rounds=rounds, compression=None)
+    rounds_steps = math.ceil(
+        (len(sf.layers) if freeze_unit == "layers" else sum(x.param.numel() for x in sf.layers)) / sf.num_trainable
+    )
+    assert sf.max_frozen_steps == rounds * rounds_steps == bound
+    sets = _train_sets(model, opt, sf, 40)
+    for name in sf.layer_names:
+        runs, frozen = [], 0
+        for chosen in sets[rounds_steps:]:  # after the warm-up
+            frozen = 0 if name in chosen else frozen + 1
+            runs.append(frozen)
+        assert max(runs) <= bound, name
+    other = _embedding_model()
+    unbounded = SlimFit(other, torch.optim.SGD(other.parameters(), lr=0.1), revisit_rounds=None, compression=None)
+    assert unbounded.max_frozen_steps is None and unbounded.scheduler.max_frozen_steps is None
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "3"])
+def test_bad_revisit_rounds_raises(bad):
+    model = _embedding_model()
+    with pytest.raises(ValueError, match="revisit_rounds must be a positive int or None"):
+        SlimFit(model, torch.optim.SGD(model.parameters(), lr=0.1), revisit_rounds=bad, compression=None)
+
+
+def test_state_from_before_revisit_rounds_loads_only_without_a_bound():
+    model = _embedding_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    old = SlimFit(model, opt, freeze_ratio=0.6, revisit_rounds=None, compression=None, seed=1)
+    _train_sets(model, opt, old, 4)
+    state = old.state_dict()
+    del state["revisit_rounds"], state["scheduler"]["max_frozen_steps"], state["scheduler"]["last_trained"]
+
+    def new(**kwargs):
+        other = _embedding_model()
+        return SlimFit(other, torch.optim.AdamW(other.parameters()), freeze_ratio=0.6, compression=None, **kwargs)
+
+    with pytest.raises(ValueError, match="state was saved with revisit_rounds=None, this SlimFit has 3"):
+        new().load_state_dict(state)
+    fresh = new(revisit_rounds=None)
+    fresh.load_state_dict(state)
+    assert fresh.trainable_layers() == old.trainable_layers()

@@ -269,6 +269,7 @@ def train(
             optimizer_state=config.optimizer_state,
             scoring=config.scoring,
             freeze_unit=config.freeze_unit,
+            revisit_rounds=config.revisit_rounds or None,
             always_train=[name for name, _ in model.named_children() if name in task.new_head],
         )
         callbacks.append(recorder.slimfit_callback)

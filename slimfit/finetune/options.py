@@ -78,6 +78,7 @@ class FinetuneConfig:
     optimizer_state: str = "offload"  # freeze-only and slimfit: OPTIMIZER_STATE
     scoring: str = "auto"  # freeze-only and slimfit: slimfit.scoring.SCORING_MODES
     freeze_unit: str = "layers"  # freeze-only and slimfit: FREEZE_UNIT
+    revisit_rounds: int = 3  # freeze-only and slimfit: a layer frozen this many rounds trains next; 0: no bound
     memory_budget: int | None = None  # bytes; finetune chooses the settings that fit (slimfit.finetune.budget)
     save_steps: int | None = None  # write a Trainer checkpoint into --output every this many optimizer steps
     resume_from_checkpoint: str | None = None  # a checkpoint folder written with --save-steps
@@ -129,6 +130,8 @@ def check_config(config: FinetuneConfig) -> None:
         value = getattr(config, name)
         if value is not None and value < 1:
             raise DataError(f"--{name.replace('_', '-')}: {value} must be at least 1")
+    if config.revisit_rounds < 0:
+        raise DataError(f"--revisit-rounds: {config.revisit_rounds} must be at least 0 (0: no bound)")
     if not 0.0 <= config.warmup_fraction < 1.0:
         raise DataError(f"warmup_fraction: {config.warmup_fraction} is outside [0, 1) (a share of the optimizer steps)")
     for name in ("lr", "lora_lr", "slimfit_lr"):
