@@ -11,7 +11,8 @@ Quantization format (shared by all backends)
 * Each group stores an ``offset`` and a ``scale`` as bfloat16 (2 bytes each). ``offset`` is the group
   minimum (a zero counts as +0.0) rounded *down* to bfloat16 and ``scale`` is ``(max - offset) / (2**bits - 1)``
   rounded *up*, so every element of the group lies inside the representable range and round-to-nearest is
-  off by at most ``scale / 2``.
+  off by at most ``scale / 2`` (plus float32's rounding of the dequantized value, which dominates when a group's
+  range is tiny next to its magnitude).
 * A code is ``round_half_even((x - offset) * inv)`` with ``inv = 1 / scale`` in float32 (``inv = 0`` when
   ``scale == 0``), clamped to ``[0, 2**bits - 1]``. Stochastic rounding replaces the rounding by
   ``floor(v + u)`` where ``u`` in [0, 1) comes from :func:`uniform_from_seed` (a counter-based hash of the
