@@ -236,10 +236,8 @@ class SlimFit:
         # A round is the warm-up's length: the steps the budget needs to visit every scheduled layer once.
         round_steps = math.ceil((len(self.layers) if costs is None else sum(costs)) / self.num_trainable)
         self.revisit_rounds = revisit_rounds
-        self.max_frozen_steps = None if revisit_rounds is None else revisit_rounds * round_steps
-        self.scheduler = InterLayerScheduler(
-            len(self.layers), self.num_trainable, generator, costs, self.max_frozen_steps
-        )
+        max_frozen_steps = None if revisit_rounds is None else revisit_rounds * round_steps
+        self.scheduler = InterLayerScheduler(len(self.layers), self.num_trainable, generator, costs, max_frozen_steps)
         params = [layer.param for layer in self.layers]
         self._scorer = UpdateScorer(params, metric, scoring, seed, optimizer)  # checks scoring
         self._state = OptimizerStateManager(optimizer, optimizer_state)
@@ -267,6 +265,11 @@ class SlimFit:
         self._removed = False
 
     # ------------------------------------------------------------------ schedule
+
+    @property
+    def max_frozen_steps(self) -> int | None:
+        """The bound ``revisit_rounds`` sets, in steps (``None``: no bound)."""
+        return self.scheduler.max_frozen_steps
 
     @property
     def layer_names(self) -> list[str]:
