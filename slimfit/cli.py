@@ -211,10 +211,10 @@ def _add_training_options(parser: argparse.ArgumentParser, with_checkpoints: boo
         COMPRESSION_BITS,
         DEFAULT_LR,
         DEFAULT_MAX_LENGTH,
-        DEFAULT_SLIMFIT_LR,
         DEVICES,
         FALLBACK_MAX_LENGTH,
         FREEZE_UNIT,
+        MAX_SCHEDULED_LR,
         OPTIMIZER_STATE,
         SCORING,
         TASKS,
@@ -324,9 +324,9 @@ def _add_training_options(parser: argparse.ArgumentParser, with_checkpoints: boo
     train.add_argument(
         "--lr",
         type=float,
-        help=f"AdamW peak learning rate, linear warm-up/decay, for every method but lora (default: {DEFAULT_LR:g}, "
-        f"and {DEFAULT_SLIMFIT_LR:g} for slimfit and freeze-only, which train a tenth of the layers per step at "
-        "freeze ratio 0.9)",
+        help=f"AdamW peak learning rate, linear warm-up/decay, for every method but lora (default: {DEFAULT_LR:g}; "
+        f"for slimfit and freeze-only, whose layers train in a share 1 - r of the steps at freeze ratio r, "
+        f"{DEFAULT_LR:g} / (1 - r), at most {MAX_SCHEDULED_LR:g}: 5e-4 at 0.9)",
     )
     train.add_argument("--slimfit-lr", type=float, help="learning rate of slimfit and freeze-only, overriding --lr")
     train.add_argument(
@@ -400,7 +400,7 @@ def _add_training_options(parser: argparse.ArgumentParser, with_checkpoints: boo
 
 FINETUNE_EPILOG = """\
 Defaults: the bundled MiniLM on BBC News (2,002 train / 223 eval articles), 1 epoch of batch 16 x 128 tokens
-(126 steps, a few minutes on 2 CPU cores), SlimFit at freeze ratio 0.9 and lr 2e-4 (full fine-tuning: 5e-5).
+(126 steps, a few minutes on 2 CPU cores), SlimFit at freeze ratio 0.9 and lr 5e-4 (full fine-tuning: 5e-5).
 Output: metrics.json, steps.csv (per-step log), loss.png, memory.png, layers.png (which layers trained when),
 and model/: the fine-tuned model (weights, config, tokenizer or image processor; LoRA merged), which --model takes.
 Results are written to a hidden folder next to --output and moved into place at the end, so a failed run

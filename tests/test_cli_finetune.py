@@ -167,9 +167,24 @@ def test_each_method_trains_at_its_learning_rate(method, expected):
     config = FinetuneConfig(method=method, lr=1e-5, slimfit_lr=3e-4, lora_lr=7e-4)
     assert config.method_lr == expected
     assert dataclasses.replace(config, slimfit_lr=None).method_lr == (7e-4 if method == "lora" else 1e-5)
-    # Without rates: 5e-5 for full fine-tuning, a larger 2e-4 for the methods that train a tenth of the layers.
+    # Without rates: 5e-5 for full fine-tuning; the scheduled methods divide it by the share of layers that train.
     default = FinetuneConfig(method=method).method_lr
-    assert default == {"full": 5e-5, "grad-ckpt": 5e-5, "lora": 5e-4}.get(method, 2e-4)
+    assert default == {"full": 5e-5, "grad-ckpt": 5e-5, "lora": 5e-4}.get(method, 5e-4)
+
+
+@pytest.mark.parametrize("method", ["slimfit", "freeze-only"])
+@pytest.mark.parametrize(
+    ("freeze_ratio", "expected"), [(0.0, 5e-5), (0.75, 2e-4), (0.8, 2.5e-4), (0.9, 5e-4), (0.95, 1e-3), (0.99, 1e-3)]
+)
+def test_scheduled_default_rate_follows_the_trained_share(method, freeze_ratio, expected):
+    # Full fine-tuning's rate over (1 - freeze ratio), capped at the rate of 0.95; exact values, as metrics.json has.
+    config = FinetuneConfig(method=method, freeze_ratio=freeze_ratio)
+    assert config.method_lr == expected
+    # Given rates win, whatever the ratio.
+    assert dataclasses.replace(config, lr=3e-5).method_lr == 3e-5
+    assert dataclasses.replace(config, lr=3e-5, slimfit_lr=4e-4).method_lr == 4e-4
+    # Other methods ignore the freeze ratio.
+    assert dataclasses.replace(config, method="full").method_lr == 5e-5
 
 
 def test_slimfit_run_logs_the_learning_rate_each_step_used(assets, tmp_path):
