@@ -43,6 +43,7 @@ from slimfit.memory import SavedTensorMeter
 from slimfit.models import patch
 from slimfit.policy import CompressionPolicy
 from slimfit.scheduler import InterLayerScheduler
+from slimfit.scoring import sample_size
 
 GiB = 2**30
 MiB = 2**20
@@ -80,6 +81,13 @@ LLAMA_3_2_1B = dict(
         original_max_position_embeddings=8192,
     ),
 )
+
+
+def snapshot_bytes(numel: int) -> int:
+    """Bytes SlimFit's scorer keeps to score one bf16 layer's update (``scoring="auto"`` samples 16-bit
+    weights): the sampled before and after values and their int64 positions, or a whole copy of a tiny layer."""
+    sampled = sample_size(numel, 2)
+    return 2 * numel if sampled == numel else sampled * (2 * 2 + 8)
 
 
 def config(layers: int) -> transformers.LlamaConfig:
@@ -374,6 +382,8 @@ def main() -> None:
     worst_params = sum(layer_sizes[n] for n in worst_plan.names())
     expected_params = params * k / n_layers
     draw_params = sum(sum(layer_sizes[n] for n in s) for s in draws) / len(draws)
+    expected_snapshot = sum(snapshot_bytes(size) for size in layer_sizes.values()) * k / n_layers
+    worst_snapshot = sum(snapshot_bytes(layer_sizes[n]) for n in worst_plan.names())
     log(f"{len(draws)} draws: saved {saved[0] / MiB:.0f} .. {saved[-1] / MiB:.0f} MiB, mean {mean_saved / MiB:.0f}")
 
     def pct(q: float) -> float:
@@ -392,7 +402,7 @@ def main() -> None:
             weights=2 * params,
             gradients=2 * expected_params,
             adam=8 * expected_params,
-            snapshot=2 * expected_params,
+            snapshot=expected_snapshot,
             saved=mean_saved,
             host=8 * (params - expected_params),
         ),
@@ -400,7 +410,7 @@ def main() -> None:
             weights=2 * params,
             gradients=2 * worst_params,
             adam=8 * worst_params,
-            snapshot=2 * worst_params,
+            snapshot=worst_snapshot,
             saved=worst_saved,
             host=8 * (params - worst_params),
         ),
@@ -411,7 +421,7 @@ def main() -> None:
         ("weights (bf16)", "weights"),
         ("gradients (bf16)", "gradients"),
         ("AdamW moments on the device (2 x fp32)", "adam"),
-        ("SlimFit's score snapshot (bf16 copy of the trainable layers)", "snapshot"),
+        ("SlimFit's score sample (1% of the trainable layers' bytes)", "snapshot"),
         ("activations saved for backward", "saved"),
         ("**total on the device**", "total"),
         ("AdamW moments offloaded to host memory (not in the total)", "host"),
@@ -467,8 +477,11 @@ def main() -> None:
   on bf16 parameters keeps bf16 moments, half this). SlimFit's default `optimizer_state="offload"` keeps only
   the trainable layers' moments on the device; the frozen layers' moments sit in (pinned) host memory, listed
   separately.
-- **Score snapshot**: SlimFit copies the trainable layers' weights before `optimizer.step()` to score their
-  update, and frees the copy in `sf.step()`.
+- **Score sample**: to score a trained layer's update SlimFit needs its weights from before `optimizer.step()`.
+  For bf16 weights `scoring="auto"` keeps a sample (`slimfit.scoring.sample_size`): before values, after values
+  and int64 positions of at most 1% of the layer's bytes, at least 256 elements (the 2,048-element RMSNorm weights
+  get 256; a layer of at most 1,536 bf16 elements would be copied whole), taken before the step and freed in
+  `sf.step()`: {expected_snapshot / MiB:.1f} MiB expected, {worst_snapshot / MiB:.1f} MiB in the worst case.
 - **Activations**: measured bytes held for backward (`SavedTensorMeter`, every tensor autograd keeps, each
   storage once, parameters excluded) on the same model built with 1, 2 and 3 decoder layers and the full
   vocabulary, bf16, then scaled to {LAYERS} layers and {TOKENS} tokens.

@@ -219,6 +219,7 @@ def _add_training_options(parser: argparse.ArgumentParser, with_checkpoints: boo
         SCORING,
         TASKS,
         default,
+        scheduled_lr,
     )
 
     data = parser.add_argument_group("task and data")
@@ -326,7 +327,8 @@ def _add_training_options(parser: argparse.ArgumentParser, with_checkpoints: boo
         type=float,
         help=f"AdamW peak learning rate, linear warm-up/decay, for every method but lora (default: {DEFAULT_LR:g}; "
         f"for slimfit and freeze-only, whose layers train in a share 1 - r of the steps at freeze ratio r, "
-        f"{DEFAULT_LR:g} / (1 - r), at most {MAX_SCHEDULED_LR:g}: 5e-4 at 0.9)",
+        f"{DEFAULT_LR:g} / (1 - r), at most {MAX_SCHEDULED_LR:g}: {scheduled_lr(default('freeze_ratio')):g} at "
+        f"{default('freeze_ratio'):g})",
     )
     train.add_argument("--slimfit-lr", type=float, help="learning rate of slimfit and freeze-only, overriding --lr")
     train.add_argument(
