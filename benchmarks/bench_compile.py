@@ -48,7 +48,9 @@ def run(mode: str, args: argparse.Namespace) -> dict[str, float]:
     model = make_model(args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     compression = None if args.compression == "none" else "default"
-    sf = slimfit.SlimFit(model, opt, freeze_ratio=args.freeze_ratio, compression=compression, seed=args.seed)
+    sf = slimfit.SlimFit(
+        model, opt, freeze_ratio=args.freeze_ratio, freeze_unit="layers", compression=compression, seed=args.seed
+    )
     call = model
     if mode == "compiled model":
         call = torch.compile(model, backend=args.backend)

@@ -57,7 +57,9 @@ def main() -> None:
     steps = args.steps or len(loader)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     schedule = get_linear_schedule_with_warmup(optimizer, round(0.06 * steps), steps)
-    sf = SlimFit(model, optimizer, freeze_ratio=args.freeze_ratio, metric=args.metric, seed=args.seed)
+    sf = SlimFit(
+        model, optimizer, freeze_ratio=args.freeze_ratio, freeze_unit="layers", metric=args.metric, seed=args.seed
+    )
     params = [layer.param for layer in sf.layers]
     scorers = {
         "copy": UpdateScorer(params, args.metric, "exact"),  # no optimizer given: whole copies

@@ -372,9 +372,9 @@ def _add_training_options(parser: argparse.ArgumentParser, with_checkpoints: boo
         "--freeze-unit",
         choices=FREEZE_UNIT,
         default=default("freeze_unit"),
-        help="freeze-only and slimfit: what --freeze-ratio counts: layers (a share of the layers trains each step, "
-        "whatever their size) or parameters (the layers trained each step hold at most that share of the "
-        "parameters; a layer larger than the whole share stays frozen) (default: %(default)s)",
+        help="freeze-only and slimfit: what --freeze-ratio counts: parameters (the layers trained each step hold "
+        "at most 1 - r of the parameters; a layer larger than that share stays frozen) or layers (1 - r of the "
+        "layers train each step, whatever their size, as the original SlimFit) (default: %(default)s)",
     )
     train.add_argument(
         "--revisit-rounds",

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-FREEZE_UNITS = ("layers", "parameters")
+FREEZE_UNITS = ("parameters", "layers")
 """What a freeze ratio counts (slimfit.SlimFit's ``freeze_unit``): layers (unit costs) or their parameters (costs =
 element counts)."""
 

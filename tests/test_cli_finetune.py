@@ -62,7 +62,8 @@ def finetune(assets: dict[str, Path], *extra: str, data: Path | None = None) -> 
 @pytest.mark.parametrize("method", ["slimfit", "full"])
 def test_finetune_writes_metrics_log_and_plots(assets, tmp_path, capsys, method):
     output = tmp_path / "run"
-    assert cli.main(finetune(assets, "--method", method, "--freeze-ratio", "0.5", "--output", str(output))) == 0
+    args = ("--method", method, "--freeze-ratio", "0.5", "--freeze-unit", "layers", "--output", str(output))
+    assert cli.main(finetune(assets, *args)) == 0
     printed = capsys.readouterr().out
     assert "accuracy" in printed and "macro-F1" in printed and "memory: activations" in printed
     assert printed.startswith(
@@ -518,6 +519,7 @@ def test_new_head_trains_at_every_step_and_the_rest_is_scheduled(assets, method)
         max_length=16,
         method=method,
         freeze_ratio=0.8,
+        freeze_unit="layers",  # K layers besides the head: countable
     )
     config, task = tasks.prepare(config)
     result = loop.run(config, task, progress=False)

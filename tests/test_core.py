@@ -49,7 +49,7 @@ def test_exported_from_package():
 def test_bert_base_has_102_layers_and_k_trainable():
     model = transformers.BertForSequenceClassification(transformers.BertConfig())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sf = SlimFit(model, opt, freeze_ratio=0.9, compression=None)
+    sf = SlimFit(model, opt, freeze_ratio=0.9, freeze_unit="layers", compression=None)
     assert len(sf.layers) == 102
     assert sf.num_trainable == 10
     assert sum(layer.param.requires_grad for layer in sf.layers) == 10
@@ -60,14 +60,16 @@ def test_bert_base_has_102_layers_and_k_trainable():
 def test_k_bounds_all_trainable_and_at_least_one():
     model = tiny_classifier()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    sf = SlimFit(model, opt, freeze_ratio=0.0, compression=None)
+    sf = SlimFit(model, opt, freeze_ratio=0.0, freeze_unit="layers", compression=None)
     assert sf.num_trainable == len(sf.layers)
     train(model, opt, sf, batches(2))
     assert all(layer.param.requires_grad for layer in sf.layers)
     assert sf.stats.scored_steps == 0  # nothing to choose, so no snapshot is taken
 
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
-    sf = SlimFit(model, torch.optim.SGD(model.parameters(), lr=0.1), freeze_ratio=0.99, compression=None)
+    sf = SlimFit(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), freeze_ratio=0.99, freeze_unit="layers", compression=None
+    )
     assert sf.num_trainable == 1
 
 
@@ -79,7 +81,7 @@ def test_tied_weights_are_one_layer():
     model = transformers.BertForMaskedLM(config)
     assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    sf = SlimFit(model, opt, freeze_ratio=0.5, compression=None)
+    sf = SlimFit(model, opt, freeze_ratio=0.5, freeze_unit="layers", compression=None)
     assert len({id(layer.param) for layer in sf.layers}) == len(sf.layers)
     ids = batches(1)[0]["input_ids"]
     _, sets = train(model, opt, sf, [{"input_ids": ids, "labels": ids}] * 3)
@@ -90,7 +92,7 @@ def test_tied_weights_are_one_layer():
 def test_tiny_bert_learns_at_freeze_ratio_half(compression):
     model = tiny_classifier()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    sf = SlimFit(model, opt, freeze_ratio=0.5, compression=compression)
+    sf = SlimFit(model, opt, freeze_ratio=0.5, freeze_unit="layers", compression=compression)
     losses, sets = train(model, opt, sf, batches(80))
     assert all(len(s) == sf.num_trainable == 11 for s in sets)
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
@@ -183,7 +185,13 @@ def test_load_state_dict_rejects_other_model_or_freeze_ratio():
 
 def test_numpy_freeze_ratio_accepted():
     model = tiny_classifier()
-    sf = SlimFit(model, torch.optim.SGD(model.parameters(), lr=0.1), freeze_ratio=np.float32(0.5), compression=None)
+    sf = SlimFit(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        freeze_ratio=np.float32(0.5),
+        freeze_unit="layers",
+        compression=None,
+    )
     assert sf.num_trainable == 11 and isinstance(sf.freeze_ratio, float)
 
 
@@ -270,7 +278,7 @@ def test_user_frozen_parameters_are_not_scheduled():
 def test_train_biases_false_freezes_auxiliary_parameters():
     model = tiny_classifier()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    sf = SlimFit(model, opt, freeze_ratio=0.5, train_biases=False, compression=None)
+    sf = SlimFit(model, opt, freeze_ratio=0.5, freeze_unit="layers", train_biases=False, compression=None)
     train(model, opt, sf, batches(3))
     scheduled = set(sf.layer_names)
     assert all(not p.requires_grad for name, p in model.named_parameters() if name not in scheduled)
@@ -281,9 +289,9 @@ def test_train_biases_false_freezes_auxiliary_parameters():
         layers_only = torch.optim.AdamW([model.get_parameter(name) for name in sf.layer_names], lr=1e-3)
         if train_biases:
             with pytest.raises(ValueError, match="bias"):
-                SlimFit(model, layers_only, freeze_ratio=0.5, train_biases=True, compression=None)
+                SlimFit(model, layers_only, freeze_ratio=0.5, freeze_unit="layers", train_biases=True, compression=None)
         else:
-            SlimFit(model, layers_only, freeze_ratio=0.5, train_biases=False, compression=None)
+            SlimFit(model, layers_only, freeze_ratio=0.5, freeze_unit="layers", train_biases=False, compression=None)
 
 
 def test_scores_divide_out_each_layers_learning_rate():
@@ -292,7 +300,9 @@ def test_scores_divide_out_each_layers_learning_rate():
     rates = [0.1, 0.01, 0.001]
     groups = [{"params": list(m.parameters()), "lr": lr} for m, lr in zip(model, rates, strict=True)]
     opt = torch.optim.SGD(groups)
-    sf = SlimFit(model, opt, freeze_ratio=0.4, compression=None)  # 2 of the 3 weights train per step
+    sf = SlimFit(
+        model, opt, freeze_ratio=0.4, freeze_unit="layers", compression=None
+    )  # 2 of the 3 weights train per step
     for _ in range(2):  # the warm-up trains every weight at least once
         for name in sf.trainable_layers():
             p = model.get_parameter(name)
@@ -599,7 +609,7 @@ def test_layers_of_a_zero_rate_group_are_not_scheduled():
     embeddings = list(model.bert.embeddings.parameters())
     rest = [p for p in model.parameters() if all(p is not q for q in embeddings)]
     opt = torch.optim.AdamW([{"params": rest}, {"params": embeddings, "lr": 0.0}], lr=1e-2)
-    sf = SlimFit(model, opt, freeze_ratio=0.5, compression=None)
+    sf = SlimFit(model, opt, freeze_ratio=0.5, freeze_unit="layers", compression=None)
     # 22 layers, 4 of them in the embeddings (word, position, token type, LayerNorm): 18 scheduled, 9 train.
     assert len(sf.layer_names) == 18 and sf.num_trainable == 9
     assert not any(name.startswith("bert.embeddings") for name in sf.layer_names)
@@ -624,7 +634,7 @@ def test_warm_up_from_zero_still_schedules_every_layer():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     warm_up = transformers.get_linear_schedule_with_warmup(opt, num_warmup_steps=2, num_training_steps=10)
     assert opt.param_groups[0]["lr"] == 0.0
-    sf = SlimFit(model, opt, freeze_ratio=0.5, compression=None)
+    sf = SlimFit(model, opt, freeze_ratio=0.5, freeze_unit="layers", compression=None)
     assert len(sf.layer_names) == 22
     first = sf.trainable_layers()
     _, sets = train(model, opt, sf, batches(1))
@@ -638,7 +648,7 @@ def test_always_trained_modules_train_every_step_and_are_not_scheduled():
     """A new head in always_train keeps requires_grad at every step, moves at every step, and K counts the rest."""
     model = tiny_classifier()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    sf = SlimFit(model, opt, freeze_ratio=0.5, compression=None, always_train=["classifier"])
+    sf = SlimFit(model, opt, freeze_ratio=0.5, freeze_unit="layers", compression=None, always_train=["classifier"])
     # 22 layers without the head's weight: 21 scheduled, 10 (round half to even of 10.5) train beside the head.
     assert len(sf.layer_names) == 21 and "classifier.weight" not in sf.layer_names and sf.num_trainable == 10
     assert sf.always_trained == ["classifier.weight"]

@@ -204,10 +204,11 @@ def slimfit_ddp_worker(rank: int, port: int, out: str, options: dict[str, Any]) 
         torch.save({"sets": sets, "weights": weights}, f"{out}.{rank}")
 
 
-# Parameters: the three Linears hold 128, 256 and 48 elements, a budget of 259 takes 256 alone or 128 + 48.
+# By parameters (the default): the three Linears hold 128, 256 and 48 elements, a budget of 259 takes 256 alone or
+# 128 + 48.
 @pytest.mark.parametrize(
     "options",
-    [{"revisit_rounds": None}, {}, {"freeze_unit": "parameters"}, {"freeze_unit": "parameters", "revisit_rounds": 1}],
+    [{"revisit_rounds": None}, {}, {"revisit_rounds": 1}, {"freeze_unit": "layers"}],
 )
 def test_slimfit_under_ddp_matches_one_process_with_the_global_batch(tmp_path, options):
     out = str(tmp_path / "slimfit")

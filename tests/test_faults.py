@@ -54,7 +54,9 @@ def test_nonfinite_loss_step_is_rejected_scores_and_schedule_kept(bad):
     scores are rejected with one warning, the previous scores stay, and the next set is a valid top-K."""
     model = tiny_classifier()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sf = SlimFit(model, opt, freeze_ratio=0.5)  # default compression: codecs of non-finite values too
+    sf = SlimFit(
+        model, opt, freeze_ratio=0.5, freeze_unit="layers"
+    )  # default compression: codecs of non-finite values too
     warm_up(model, opt, sf)
     scores = sf.scheduler.scores.clone()
     poisoned = sf.trainable_layers()
@@ -79,7 +81,7 @@ def test_skipping_the_optimizer_step_on_a_nonfinite_loss_is_counted_as_skipped()
     """The usual guard (``if not torch.isfinite(loss): skip optimizer.step()``) costs no score and no warning."""
     model = tiny_classifier()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    sf = SlimFit(model, opt, freeze_ratio=0.5)
+    sf = SlimFit(model, opt, freeze_ratio=0.5, freeze_unit="layers")
     warm_up(model, opt, sf)
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = sf.trainable_layers()
@@ -107,7 +109,7 @@ def test_zero_valued_weights_in_a_compressed_bert_score_finite(metric):
         model.bert.embeddings.token_type_embeddings.weight.zero_()
         model.classifier.weight[:, :16] = 0.0
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    sf = SlimFit(model, opt, freeze_ratio=0.5, metric=metric)
+    sf = SlimFit(model, opt, freeze_ratio=0.5, freeze_unit="layers", metric=metric)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         warm_up(model, opt, sf)

@@ -80,7 +80,7 @@ def recording_callback(trainer):
 
 @pytest.mark.parametrize("restore_callback_states", [False, True])
 def test_trainer_trains_saves_and_resumes_exactly(model_dir, tmp_path, restore_callback_states):
-    callback = Recording(freeze_ratio=0.5, compression=None)
+    callback = Recording(freeze_ratio=0.5, freeze_unit="layers", compression=None)
     trainer = make_trainer(model_dir, tmp_path / "a", callback)
     before = trained_weights(trainer)
     trainer.train()
@@ -98,7 +98,7 @@ def test_trainer_trains_saves_and_resumes_exactly(model_dir, tmp_path, restore_c
     shutil.move(tmp_path / "a" / "checkpoint-3", checkpoint)
     shutil.rmtree(tmp_path / "a")
 
-    resumed = Recording(freeze_ratio=0.5, compression=None)
+    resumed = Recording(freeze_ratio=0.5, freeze_unit="layers", compression=None)
     trainer = make_trainer(
         model_dir, tmp_path / "b", resumed, restore_callback_states_from_checkpoint=restore_callback_states
     )

@@ -21,7 +21,7 @@ def run(policy: str, steps: int, device: str = "cpu", make_opt=torch.optim.AdamW
     """Train an MLP under SlimFit; returns (model, optimizer, slimfit, per-step trainable sets)."""
     model = mlp(device)
     opt = make_opt(model.parameters(), lr=1e-2)
-    sf = SlimFit(model, opt, freeze_ratio=0.5, optimizer_state=policy, compression=None, seed=0)
+    sf = SlimFit(model, opt, freeze_ratio=0.5, freeze_unit="layers", optimizer_state=policy, compression=None, seed=0)
     g = torch.Generator().manual_seed(0)
     sets = []
     for _ in range(steps):

@@ -156,7 +156,7 @@ def test_zero_valued_weights_score_finite_through_slimfit(metric):
         model[0].weight.zero_()  # all-zero weight: relative change divides by a floored norm
         model[2].weight[:, :4] = 0.0  # partly zero
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sf = SlimFit(model, opt, freeze_ratio=0.5, metric=metric, compression=None)
+    sf = SlimFit(model, opt, freeze_ratio=0.5, freeze_unit="layers", metric=metric, compression=None)
     x = torch.randn(16, 4)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
@@ -174,7 +174,7 @@ def test_nan_weights_do_not_poison_slimfit_schedule():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sf = SlimFit(model, opt, freeze_ratio=0.5, compression=None, seed=0)
+    sf = SlimFit(model, opt, freeze_ratio=0.5, freeze_unit="layers", compression=None, seed=0)
     x = torch.randn(8, 4)
     for _ in range(3):  # warm-up: every layer scored
         model(x).sum().backward()
@@ -201,7 +201,7 @@ def test_slimfit_keeps_exactly_k_layers_trainable(depth, norm, freeze_ratio, see
     blocks = [nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4) if norm else nn.Identity()) for _ in range(depth)]
     model = nn.Sequential(*blocks)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    sf = SlimFit(model, opt, freeze_ratio=freeze_ratio, optimizer_state="drop", compression=None)
+    sf = SlimFit(model, opt, freeze_ratio=freeze_ratio, freeze_unit="layers", optimizer_state="drop", compression=None)
     n = depth * (2 if norm else 1)
     k = max(1, round((1 - freeze_ratio) * n))
     assert (len(sf.layers), sf.num_trainable) == (n, k)
@@ -396,7 +396,7 @@ def test_freeze_unit_parameters_bounds_trained_elements_and_leaves_too_large_lay
 
 @pytest.mark.parametrize(
     ("options", "named"),
-    [({"freeze_unit": "parameters"}, "freeze_unit='parameters'"), ({"revisit_rounds": 1}, "revisit_rounds=1")],
+    [({"freeze_unit": "layers"}, "freeze_unit='layers'"), ({"revisit_rounds": 1}, "revisit_rounds=1")],
 )
 def test_schedule_options_are_deterministic_and_resume_exactly(options, named):
     def fresh(**kwargs):
@@ -440,7 +440,7 @@ def test_schedule_options_are_deterministic_and_resume_exactly(options, named):
 
 def test_bad_freeze_unit_raises():
     model = _embedding_model()
-    with pytest.raises(ValueError, match=r"freeze_unit must be one of \['layers', 'parameters'\], got 'bytes'"):
+    with pytest.raises(ValueError, match=r"freeze_unit must be one of \['parameters', 'layers'\], got 'bytes'"):
         SlimFit(model, torch.optim.SGD(model.parameters(), lr=0.1), freeze_unit="bytes", compression=None)
 
 

@@ -80,7 +80,7 @@ class FinetuneConfig:
     compression_bits: int = 8  # slimfit: bits of every quantized activation (COMPRESSION_BITS)
     optimizer_state: str = "offload"  # freeze-only and slimfit: OPTIMIZER_STATE
     scoring: str = "auto"  # freeze-only and slimfit: slimfit.scoring.SCORING_MODES
-    freeze_unit: str = "layers"  # freeze-only and slimfit: FREEZE_UNIT
+    freeze_unit: str = "parameters"  # freeze-only and slimfit: FREEZE_UNIT
     revisit_rounds: int = 3  # freeze-only and slimfit: a layer frozen this many rounds trains next; 0: no bound
     memory_budget: int | None = None  # bytes; finetune chooses the settings that fit (slimfit.finetune.budget)
     save_steps: int | None = None  # write a Trainer checkpoint into --output every this many optimizer steps

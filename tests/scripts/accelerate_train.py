@@ -16,8 +16,9 @@ def main(out: str) -> None:
     # DDP must see every parameter requiring grad when it is built, and must tolerate frozen ones later.
     accelerator = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     torch.manual_seed(0)
+    # Layers of 256, 32, 256 and 24 elements: half of them (284) holds one 256-element weight at a time.
     model = torch.nn.Sequential(
-        torch.nn.Linear(8, 32), torch.nn.LayerNorm(32), torch.nn.GELU(), torch.nn.Linear(32, 32), torch.nn.Linear(32, 3)
+        torch.nn.Linear(8, 32), torch.nn.LayerNorm(32), torch.nn.GELU(), torch.nn.Linear(32, 8), torch.nn.Linear(8, 3)
     )
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(STEPS, 8, 8, generator=g), torch.randint(0, 3, (STEPS, 8), generator=g)
