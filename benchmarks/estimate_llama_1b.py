@@ -13,7 +13,8 @@ Nothing here is guessed from formulas except what is exact by construction:
   full fine-tuning: ``saved(L, T) = fixed(T) + L * block(T)`` with ``block = saved(2, T) - saved(1, T)``, both affine
   in the token count T from T = 256 and 512; checked against direct measurements at 3 layers x 512 tokens and at
   1 and 2 layers x 2048 tokens.
-  SlimFit (default ``CompressionPolicy``, 90% of the layers frozen): what a decoder block keeps depends on which of
+  SlimFit (default ``CompressionPolicy``, 90% of the layers frozen, ``freeze_unit="layers"``; the default counts
+  parameters, which this script does not model): what a decoder block keeps depends on which of
   its 9 layers train and on whether its input needs a gradient (some layer below it trains), and what the
   embedding / final norm / chunked LM head and loss keep depends on whether the embedding, the final norm and the
   final hidden state need one. Each such state is measured once (per-block bytes attributed with forward hooks
@@ -461,9 +462,9 @@ def main() -> None:
         "8 key-value heads, head dim 64, vocabulary 128,256, tied embeddings, rms_norm_eps 1e-5, "
         "max_position_embeddings 131,072, rope llama3 (theta 500,000, factor 32), no biases; random weights, "
         f"SDPA attention, train mode, labels given. {params:,} parameters (counted on the meta device; the tied "
-        f"embedding / LM head, {layer_sizes[EMBED]:,}, once). SlimFit: freeze ratio {FREEZE_RATIO}, "
-        f"{n_layers} schedulable layers, K = {k} train per step, default `CompressionPolicy` (chunked LM head and "
-        'loss), `optimizer_state="offload"`.\n\n'
+        f"embedding / LM head, {layer_sizes[EMBED]:,}, once). SlimFit: freeze ratio {FREEZE_RATIO} counting layers "
+        f'(`freeze_unit="layers"`), {n_layers} schedulable layers, K = {k} train per step, default '
+        '`CompressionPolicy` (chunked LM head and loss), `optimizer_state="offload"`.\n\n'
     )
     how = f"""## How each number was obtained
 
