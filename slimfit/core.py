@@ -62,11 +62,11 @@ class SlimFit:
             wrapper is accepted and its inner module is used. Patched in place.
         optimizer: a ``torch.optim.Optimizer`` (or a wrapper with an ``.optimizer`` attribute, as accelerate
             uses) holding every parameter of ``model`` that requires grad.
-        freeze_ratio: fraction of the scheduled layers' parameters (with ``freeze_unit="layers"``, of the layers)
-            frozen at each step, in ``[0, 1)``; with layers, ``K = max(1, round((1 - freeze_ratio) * N))`` of the
-            ``N`` layers train.
+        freeze_ratio: fraction of the layers' parameters (with ``freeze_unit="layers"``, of the layers) frozen at
+            each step, in ``[0, 1)``; with layers, ``K = max(1, round((1 - freeze_ratio) * N))`` of the ``N``
+            layers train.
         freeze_unit: what ``freeze_ratio`` counts. ``"parameters"`` (default): the trained layers hold at most
-            ``(1 - freeze_ratio)`` of the scheduled layers' elements; layers are taken by score while they fit, so
+            ``(1 - freeze_ratio)`` of all layers' elements; layers are taken by score while they fit, so
             one large layer gives way to several small ones (LayerNorm weights cost almost nothing), and gradient
             memory is bounded by the budget. A layer larger than the whole budget is not scheduled (it stays
             frozen; a warning names it). ``"layers"`` (the original SlimFit): ``K`` layers, whatever their size,
