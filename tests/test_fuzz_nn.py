@@ -102,11 +102,12 @@ def test_linear_fuzz(data, shape, out_features, bits):
     _within(dx, rdx, 8 * _eps(x.dtype) * (g64 @ w64))
     _within(db, rdb, 8 * _eps(x.dtype) * g64.reshape(-1, out_features).sum(0))
     # dW = g^T x_hat, |x_hat - x| <= one quantization step per element (half a step plus bf16-rounded scales),
-    # a step being at most the tensor's range / (2**bits - 1).
+    # a step being at most the tensor's range / (2**bits - 1); the bf16 offset (a group's minimum) is rounded
+    # too, by up to 2**-8 of |x|, which is all the error of a constant group (a range, so a step, of 0).
     x64, g64 = x.detach().double(), g.double().reshape(-1, out_features)
     step = float(x64.max() - x64.min()) / (2**bits - 1)
     bound = (
-        float(g64.norm()) * math.sqrt(x.numel()) * step
+        float(g64.norm()) * math.sqrt(x.numel()) * (step + 2**-8 * float(x64.abs().max()))
         + 8 * _eps(x.dtype) * float(g64.abs().sum(0).max()) * float(x64.abs().max()) * x.shape[-1]
     )
     if math.isfinite(bound):
@@ -144,7 +145,10 @@ def test_layer_norm_fuzz(data, shape, setting, trainable):
     rstd = (x.detach().double().var(-1, unbiased=False, keepdim=True) + 1e-5).rsqrt()
     natural = float((w.detach().double() * g.double() * rstd).abs().max())
     if isinstance(setting, TopK) and setting.keep == 1.0 and dtype == torch.float32 and math.isfinite(natural):
-        torch.testing.assert_close(dx, rdx, rtol=1e-3, atol=1e-4 * natural)
+        # Where PyTorch's own float32 statistics overflow (|x| near 1e20: the variance passes 3e38) both are NaN;
+        # compare where the reference is finite, as _finite_where does.
+        finite = torch.isfinite(rdx)
+        torch.testing.assert_close(dx[finite], rdx[finite], rtol=1e-3, atol=1e-4 * natural)
     elif isinstance(setting, Quantize) and setting.bits == 8 and dtype == torch.float32 and torch.isfinite(rdx).all():
         err = float((dx.double() - rdx.double()).norm())
         scale = float(rdx.double().norm()) + float((w.detach().double() * g.double()).norm()) * 1e-2
