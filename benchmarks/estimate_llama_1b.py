@@ -44,7 +44,7 @@ from slimfit.memory import SavedTensorMeter
 from slimfit.models import patch
 from slimfit.policy import CompressionPolicy
 from slimfit.scheduler import InterLayerScheduler
-from slimfit.scoring import sample_size
+from slimfit.scoring import sample_bytes
 
 GiB = 2**30
 MiB = 2**20
@@ -82,13 +82,6 @@ LLAMA_3_2_1B = dict(
         original_max_position_embeddings=8192,
     ),
 )
-
-
-def snapshot_bytes(numel: int) -> int:
-    """Bytes SlimFit's scorer keeps to score one bf16 layer's update (``scoring="auto"`` samples 16-bit
-    weights): the sampled before and after values and their int64 positions, or a whole copy of a tiny layer."""
-    sampled = sample_size(numel, 2)
-    return 2 * numel if sampled == numel else sampled * (2 * 2 + 8)
 
 
 def config(layers: int) -> transformers.LlamaConfig:
@@ -383,8 +376,8 @@ def main() -> None:
     worst_params = sum(layer_sizes[n] for n in worst_plan.names())
     expected_params = params * k / n_layers
     draw_params = sum(sum(layer_sizes[n] for n in s) for s in draws) / len(draws)
-    expected_snapshot = sum(snapshot_bytes(size) for size in layer_sizes.values()) * k / n_layers
-    worst_snapshot = sum(snapshot_bytes(layer_sizes[n]) for n in worst_plan.names())
+    expected_snapshot = sum(sample_bytes(size, 2) for size in layer_sizes.values()) * k / n_layers
+    worst_snapshot = sum(sample_bytes(layer_sizes[n], 2) for n in worst_plan.names())
     log(f"{len(draws)} draws: saved {saved[0] / MiB:.0f} .. {saved[-1] / MiB:.0f} MiB, mean {mean_saved / MiB:.0f}")
 
     def pct(q: float) -> float:

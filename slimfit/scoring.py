@@ -76,12 +76,24 @@ _ADAMS = (torch.optim.Adam, torch.optim.AdamW)  # exact types: a subclass may st
 _REBUILT_DTYPES = (torch.float32, torch.float64)  # 16-bit weights round away much of an update: copy or sample
 
 
+def _sampled_element_bytes(element_size: int) -> int:
+    """What one sampled element costs: its value before the step, after it, and its position."""
+    return 2 * element_size + _POSITION_BYTES
+
+
 def sample_size(numel: int, element_size: int) -> int:
     """Elements sampled from a layer of ``numel`` elements of ``element_size`` bytes; ``numel``: copied whole."""
-    per_element = 2 * element_size + _POSITION_BYTES
+    per_element = _sampled_element_bytes(element_size)
     if numel * element_size <= MIN_SAMPLE * per_element:
         return numel
     return max(MIN_SAMPLE, int(numel * element_size * BUDGET) // per_element)
+
+
+def sample_bytes(numel: int, element_size: int) -> int:
+    """Bytes the scorer holds to score one sampled layer's update: a whole copy of a layer too small to sample,
+    else the before and after values and the positions of its sample."""
+    size = sample_size(numel, element_size)
+    return numel * element_size if size == numel else size * _sampled_element_bytes(element_size)
 
 
 @dataclass(frozen=True)

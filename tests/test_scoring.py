@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_flatten
 from slimfit import ops, scoring
 from slimfit.core import SlimFit
 from slimfit.layers import split_parameters
-from slimfit.scoring import BUDGET, UpdateScorer, sample_size
+from slimfit.scoring import BUDGET, UpdateScorer, sample_bytes, sample_size
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -363,6 +363,21 @@ def test_scoring_bytes_at_most_one_percent_of_the_layers(dtype, metric):
         scorer.score()
     assert scorers["exact"].peak_bytes == sum(p.numel() * p.element_size() for p in params)
     assert 0 < scorers["sampled"].peak_bytes <= BUDGET * scorers["exact"].peak_bytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sample_bytes_is_the_peak_a_sampled_step_holds(dtype):
+    """What estimates count per layer (sample_bytes) equals the scorer's measured peak, tiny layers copied whole."""
+    params = [torch.randn(shape, dtype=dtype) for shape in [(384,), (3, 128), (1536, 384), (30522, 384)]]
+    scorer = UpdateScorer(params, "rel_l2", "sampled")  # rel_l2 keeps every drawn position (no smallest half)
+    scorer.snapshot(list(range(len(params))), [1.0] * len(params))
+    with torch.no_grad():
+        for p in params:
+            p.add_(1e-3)
+    scorer.score()
+    expected = [sample_bytes(p.numel(), p.element_size()) for p in params]
+    assert expected[0] == params[0].numel() * params[0].element_size()  # copied whole: before values only
+    assert scorer.peak_bytes == sum(expected)
 
 
 def test_tiny_layers_are_copied_whole():
