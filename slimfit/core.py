@@ -27,8 +27,8 @@ from slimfit.memory import DecodeMeter, SavedTensorMeter
 from slimfit.models import PatchHandle, patch
 from slimfit.optim_state import OPTIMIZER_STATE_POLICIES, OptimizerStateManager
 from slimfit.policy import DEFAULT_POLICY, CompressionPolicy
-from slimfit.scheduler import FREEZE_UNITS, InterLayerScheduler
-from slimfit.scoring import UpdateScorer, as_number
+from slimfit.scheduler import DEFAULT_FREEZE_RATIO, DEFAULT_REVISIT_ROUNDS, FREEZE_UNITS, InterLayerScheduler
+from slimfit.scoring import SCORING_MODES, UpdateScorer, as_number
 
 METRICS = ("rel_l2", "rel_l1_mean")
 _STATE_FORMAT = 1
@@ -129,17 +129,17 @@ class SlimFit:
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        freeze_ratio: float = 0.9,
+        freeze_ratio: float = DEFAULT_FREEZE_RATIO,
         metric: str = "rel_l1_mean",
-        optimizer_state: str = "offload",
+        optimizer_state: str = OPTIMIZER_STATE_POLICIES[0],
         compression: CompressionPolicy | str | None = DEFAULT_POLICY,
         train_biases: bool = True,
         seed: int | None = None,
         process_group: torch.distributed.ProcessGroup | None = None,
-        scoring: str = "auto",
+        scoring: str = SCORING_MODES[0],
         always_train: Sequence[str] = (),
-        freeze_unit: str = "parameters",
-        revisit_rounds: int | None = 3,
+        freeze_unit: str = FREEZE_UNITS[0],
+        revisit_rounds: int | None = DEFAULT_REVISIT_ROUNDS,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -26,7 +26,8 @@ from collections.abc import Iterable
 
 import torch
 
-OPTIMIZER_STATE_POLICIES = ("keep", "drop", "offload")
+OPTIMIZER_STATE_POLICIES = ("offload", "keep", "drop")
+"""Where a frozen layer's Adam moments stay: first the default."""
 
 
 class OptimizerStateManager:

@@ -29,8 +29,12 @@ from typing import Any
 import torch
 
 FREEZE_UNITS = ("parameters", "layers")
-"""What a freeze ratio counts (slimfit.SlimFit's ``freeze_unit``): layers (unit costs) or their parameters (costs =
-element counts)."""
+"""What a freeze ratio counts (slimfit.SlimFit's ``freeze_unit``): the layers' parameters (costs = element counts,
+the default) or layers (unit costs)."""
+DEFAULT_FREEZE_RATIO = 0.9
+"""Share of the schedulable layers (or their elements) frozen at each step, unless the caller says otherwise."""
+DEFAULT_REVISIT_ROUNDS = 3
+"""slimfit.SlimFit's ``revisit_rounds``: a layer frozen this many rounds of the schedule trains next."""
 
 
 class InterLayerScheduler:

@@ -65,6 +65,7 @@ import torch
 from slimfit import ops
 
 SCORING_MODES = ("auto", "exact", "sampled")
+"""How UpdateScorer reads a layer's update (see the module docstring): first the default."""
 MIN_SAMPLE = 256
 """Fewest elements sampled from a layer that is not copied whole (and fewest rebuilt at a time from Adam's moments)."""
 BUDGET = 0.01

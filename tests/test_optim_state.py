@@ -179,5 +179,5 @@ def test_policies_work_with_other_optimizers(policy, make_opt):
 
 def test_unknown_policy():
     opt = torch.optim.SGD(mlp().parameters(), lr=0.1)
-    with pytest.raises(ValueError, match=r"optimizer_state must be one of \['keep', 'drop', 'offload'\], got 'x'"):
+    with pytest.raises(ValueError, match=r"optimizer_state must be one of \['offload', 'keep', 'drop'\], got 'x'"):
         OptimizerStateManager(opt, "x")

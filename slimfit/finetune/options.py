@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from slimfit.data import DataError
-from slimfit.scheduler import FREEZE_UNITS
+from slimfit.optim_state import OPTIMIZER_STATE_POLICIES
+from slimfit.scheduler import DEFAULT_FREEZE_RATIO, DEFAULT_REVISIT_ROUNDS, FREEZE_UNITS
 from slimfit.scoring import SCORING_MODES
 
 METHODS = ("full", "freeze-only", "slimfit", "grad-ckpt", "lora")
@@ -19,7 +20,7 @@ METHODS = ("full", "freeze-only", "slimfit", "grad-ckpt", "lora")
 SCHEDULED_METHODS = ("freeze-only", "slimfit")
 COMPRESSION_BITS = (8, 4, 2)
 """Code widths of slimfit's quantized activations (--compression-bits)."""
-OPTIMIZER_STATE = ("offload", "keep", "drop")
+OPTIMIZER_STATE = OPTIMIZER_STATE_POLICIES
 """Where a frozen layer's optimizer state stays (slimfit.optim_state): first the default."""
 SCORING = SCORING_MODES
 """How a trained layer's update is scored (slimfit.scoring): first the default."""
@@ -61,7 +62,7 @@ class FinetuneConfig:
     eval_fraction: float = 0.1
     validate: bool = False  # evaluate on a validation split of the training part (choosing settings); see tasks.base
     method: str = "slimfit"
-    freeze_ratio: float = 0.9
+    freeze_ratio: float = DEFAULT_FREEZE_RATIO
     epochs: int = 1
     max_steps: int | None = None
     batch_size: int = 16
@@ -78,10 +79,10 @@ class FinetuneConfig:
     device: str = "auto"
     bf16: bool = False
     compression_bits: int = 8  # slimfit: bits of every quantized activation (COMPRESSION_BITS)
-    optimizer_state: str = "offload"  # freeze-only and slimfit: OPTIMIZER_STATE
-    scoring: str = "auto"  # freeze-only and slimfit: slimfit.scoring.SCORING_MODES
-    freeze_unit: str = "parameters"  # freeze-only and slimfit: FREEZE_UNIT
-    revisit_rounds: int = 3  # freeze-only and slimfit: a layer frozen this many rounds trains next; 0: no bound
+    optimizer_state: str = OPTIMIZER_STATE[0]  # freeze-only and slimfit: OPTIMIZER_STATE
+    scoring: str = SCORING[0]  # freeze-only and slimfit: slimfit.scoring.SCORING_MODES
+    freeze_unit: str = FREEZE_UNIT[0]  # freeze-only and slimfit: FREEZE_UNIT
+    revisit_rounds: int = DEFAULT_REVISIT_ROUNDS  # freeze-only and slimfit; 0: no bound
     memory_budget: int | None = None  # bytes; finetune chooses the settings that fit (slimfit.finetune.budget)
     save_steps: int | None = None  # write a Trainer checkpoint into --output every this many optimizer steps
     resume_from_checkpoint: str | None = None  # a checkpoint folder written with --save-steps
