@@ -30,7 +30,8 @@ from slimfit.policy import DEFAULT_POLICY, CompressionPolicy
 from slimfit.scheduler import DEFAULT_FREEZE_RATIO, DEFAULT_REVISIT_ROUNDS, FREEZE_UNITS, InterLayerScheduler
 from slimfit.scoring import SCORING_MODES, UpdateScorer, as_number
 
-METRICS = ("rel_l2", "rel_l1_mean")
+METRICS = ("rel_l1_mean", "rel_l2")
+"""How a layer's update is scored (slimfit.ops.update_norms): first the default."""
 _STATE_FORMAT = 1
 
 
@@ -130,7 +131,7 @@ class SlimFit:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         freeze_ratio: float = DEFAULT_FREEZE_RATIO,
-        metric: str = "rel_l1_mean",
+        metric: str = METRICS[0],
         optimizer_state: str = OPTIMIZER_STATE_POLICIES[0],
         compression: CompressionPolicy | str | None = DEFAULT_POLICY,
         train_biases: bool = True,

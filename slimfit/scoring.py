@@ -92,7 +92,8 @@ def sample_size(numel: int, element_size: int) -> int:
 
 def sample_bytes(numel: int, element_size: int) -> int:
     """Bytes the scorer holds to score one sampled layer's update: a whole copy of a layer too small to sample,
-    else the before and after values and the positions of its sample."""
+    else the before and after values and the positions of its sample (with ``rel_l1_mean`` at most this: uniform
+    draws that repeat a smallest weight are dropped)."""
     size = sample_size(numel, element_size)
     return numel * element_size if size == numel else size * _sampled_element_bytes(element_size)
 

@@ -206,7 +206,7 @@ def test_bad_freeze_ratio(value):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"metric": "l2"}, r"metric must be one of \['rel_l2', 'rel_l1_mean'\], got 'l2'"),
+        ({"metric": "l2"}, r"metric must be one of \['rel_l1_mean', 'rel_l2'\], got 'l2'"),
         ({"optimizer_state": "cpu"}, r"optimizer_state must be one of \['offload', 'keep', 'drop'\], got 'cpu'"),
         ({"train_biases": 1}, "train_biases must be a bool"),
         ({"seed": 1.5}, "seed must be an int or None"),

@@ -16,6 +16,7 @@ from transformers.trainer_callback import ExportableState
 
 from slimfit.core import SlimFit
 from slimfit.policy import DEFAULT_POLICY, CompressionPolicy
+from slimfit.scheduler import DEFAULT_FREEZE_RATIO
 
 
 class SlimFitCallback(TrainerCallback, ExportableState):
@@ -24,7 +25,8 @@ class SlimFitCallback(TrainerCallback, ExportableState):
     Args:
         freeze_ratio: fraction of layers frozen at each step, in ``[0, 1)``.
         **slimfit_kwargs: further arguments of :class:`slimfit.SlimFit` (``metric``, ``optimizer_state``,
-            ``compression``, ``train_biases``, ``seed``, ``scoring``).
+            ``compression``, ``train_biases``, ``seed``, ``scoring``, ``always_train``, ``freeze_unit``,
+            ``revisit_rounds``).
 
     Attributes:
         slimfit: the :class:`slimfit.SlimFit` in use while training runs (None before and after).
@@ -38,7 +40,7 @@ class SlimFitCallback(TrainerCallback, ExportableState):
     modules and ``requires_grad`` flags are restored.
     """
 
-    def __init__(self, freeze_ratio: float = 0.9, **slimfit_kwargs: Any) -> None:
+    def __init__(self, freeze_ratio: float = DEFAULT_FREEZE_RATIO, **slimfit_kwargs: Any) -> None:
         # Checked here too, so that a bad value fails when the Trainer is built rather than when training starts.
         if not isinstance(freeze_ratio, (int, float)) or not 0.0 <= freeze_ratio < 1.0:
             raise ValueError(f"freeze_ratio must be a number in [0, 1), got {freeze_ratio!r}")
