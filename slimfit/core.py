@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimfit import ops
 from slimfit.distributed import broadcast_indices, check_process_group, is_distributed, source_rank
 from slimfit.layers import Layer, reject_sharded_parameters, split_parameters, unwrap_model
 from slimfit.memory import DecodeMeter, SavedTensorMeter
@@ -30,7 +31,7 @@ from slimfit.policy import DEFAULT_POLICY, CompressionPolicy
 from slimfit.scheduler import DEFAULT_FREEZE_RATIO, DEFAULT_REVISIT_ROUNDS, FREEZE_UNITS, InterLayerScheduler
 from slimfit.scoring import SCORING_MODES, UpdateScorer, as_number
 
-METRICS = ("rel_l1_mean", "rel_l2")
+METRICS = tuple(ops.NORM_EPS)
 """How a layer's update is scored (slimfit.ops.update_norms): first the default."""
 _STATE_FORMAT = 1
 

@@ -18,8 +18,9 @@ from slimfit.codecs import PackedBits, QuantizedTensor, SparseTensor
 
 QUANT_BITS = (2, 4, 8)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Floor of the denominator per update_norms metric: keeps all-zero and zero-valued weights finite.
-NORM_EPS = {"rel_l2": 1e-12, "rel_l1_mean": 1e-8}
+# The update_norms metrics, the default first, each with the floor of its denominator: keeps all-zero and
+# zero-valued weights finite.
+NORM_EPS = {"rel_l1_mean": 1e-8, "rel_l2": 1e-12}
 
 
 # (op, dispatch key) -> compiled kernel, looked up once at import: torch.compile cannot trace the dispatcher

@@ -118,7 +118,7 @@ def test_property_scaling(rows, factor, metric):
 @pytest.mark.parametrize(
     ("before", "after", "metric", "match"),
     [
-        ([torch.ones(2)], [torch.ones(2)], "l2", r"metric must be one of \['rel_l2', 'rel_l1_mean'\], got 'l2'"),
+        ([torch.ones(2)], [torch.ones(2)], "l2", r"metric must be one of \['rel_l1_mean', 'rel_l2'\], got 'l2'"),
         ([torch.ones(2)], [], "rel_l2", "before and after must have the same length, got 1 and 0"),
         ([torch.ones(2)], [torch.ones(3)], "rel_l2", r"before\[0\] and after\[0\] must have the same shape"),
         ([torch.ones(2, dtype=torch.int32)], [torch.ones(2)], "rel_l2", r"before\[0\] must have dtype float32"),
