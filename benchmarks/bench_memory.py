@@ -2,6 +2,8 @@
 
 Categories: weights, gradients and optimizer state (AdamW) on the model's device after one training step, and
 activations saved for backward after one forward (measured by :class:`slimfit.memory.SavedTensorMeter`).
+Freezing alone and SlimFit train the same set: SlimFit's first trainable set at seed 0 (``--freeze-unit``: what the
+freeze ratio counts, the library's default unless given), without and with compression.
 
 Batch 128 without running it: every saved tensor's size is affine in the batch size (token-proportional codes
 and masks; per-call RNG states are constant; quantization groups never straddle a batch boundary here because
@@ -9,7 +11,7 @@ rows are multiples of the group size), so the saved bytes are measured at batch 
 extrapolation is checked to equal the measurement at batch 8 exactly before batch 128 is reported.
 
 Usage: python benchmarks/bench_memory.py [--out benchmarks/results/memory-DATE.md] [--models bert vit]
-       [--causal-lm llama qwen2 gpt2] [--causal-lm-memory llama qwen2 gpt2]
+       [--causal-lm llama qwen2 gpt2] [--causal-lm-memory llama qwen2 gpt2] [--freeze-unit parameters|layers]
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ import transformers
 
 import slimfit
 from slimfit.memory import SavedTensorMeter, gradient_bytes, optimizer_state_bytes, parameter_bytes
-from slimfit.models import patch
 from slimfit.policy import CompressionPolicy
+from slimfit.scheduler import FREEZE_UNITS
 
 MiB = 2**20
-FREEZE_RATIO = 0.9  # of the layers (freeze_unit="layers"), as every committed result of this script was measured
+FREEZE_RATIO = 0.9
 
 
 def _model(name: str) -> tuple[torch.nn.Module, callable]:
@@ -79,23 +81,17 @@ def _family(name: str) -> tuple[torch.nn.Module, dict]:
     return getattr(transformers, model_cls)(getattr(transformers, config_cls)(num_labels=2)), batch
 
 
-def families_table(names: list[str]) -> str:
-    """Saved-for-backward MiB at batch 8: full fine-tuning, 90% random freeze, and that freeze + compression."""
+def families_table(names: list[str], unit: str) -> str:
+    """Saved-for-backward MiB at batch 8: full fine-tuning, SlimFit's first set frozen alone, and SlimFit."""
     lines = [
-        "| model | full fine-tuning | 90% freeze | 90% freeze + compression | vs full | vs freeze |",
+        "| model | full fine-tuning | freeze only | SlimFit | vs full | vs freeze |",
         "|---|---|---|---|---|---|",
     ]
     for name in names:
         model, batch = _family(name)
         model.train()
         full = _saved(model, batch)
-        _random_freeze(model)
-        frozen = _saved(model, batch)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            handle = patch(model, CompressionPolicy())
-        slim = _saved(model, batch)
-        handle.remove()
+        frozen, slim = (_saved_under(model, batch, unit, policy) for policy in (None, CompressionPolicy()))
         lines.append(
             f"| {name} | {full / MiB:.1f} | {frozen / MiB:.1f} | {slim / MiB:.1f} | {full / slim:.1f}x "
             f"| {frozen / slim:.1f}x |"
@@ -127,11 +123,12 @@ def _causal_lm(name: str) -> tuple[torch.nn.Module, dict]:
     return model, dict(input_ids=ids, labels=ids)
 
 
-def causal_lm_table(names: list[str]) -> str:
-    """Saved-for-backward MiB of causal LMs given labels: full fine-tuning, 90% random freeze, and that freeze with
-    compression, first keeping the full logits (lm_head_chunk=None), then with the chunked head and loss."""
+def causal_lm_table(names: list[str], unit: str) -> str:
+    """Saved-for-backward MiB of causal LMs given labels: full fine-tuning, SlimFit's first set frozen alone, and
+    that set with compression, first keeping the full logits (lm_head_chunk=None), then with the chunked head and
+    loss (SlimFit's default)."""
     lines = [
-        "| model | full fine-tuning | 90% freeze | + compression, full logits | + chunked head (SlimFit) "
+        "| model | full fine-tuning | freeze only | + compression, full logits | + chunked head (SlimFit) "
         "| vs full | vs freeze |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -139,16 +136,10 @@ def causal_lm_table(names: list[str]) -> str:
         model, batch = _causal_lm(name)
         model.train()
         full = _saved(model, batch)
-        _random_freeze(model)
-        frozen = _saved(model, batch)
-        slim = {}
-        for chunk in (None, CompressionPolicy().lm_head_chunk):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                handle = patch(model, CompressionPolicy(lm_head_chunk=chunk))
-            slim[chunk] = _saved(model, batch)
-            handle.remove()
-        logits_kept, chunked = slim[None], slim[CompressionPolicy().lm_head_chunk]
+        frozen, logits_kept, chunked = (
+            _saved_under(model, batch, unit, policy)
+            for policy in (None, CompressionPolicy(lm_head_chunk=None), CompressionPolicy())
+        )
         lines.append(
             f"| {name} | {full / MiB:.1f} | {frozen / MiB:.1f} | {logits_kept / MiB:.1f} | {chunked / MiB:.1f} "
             f"| {full / chunked:.1f}x | {frozen / chunked:.1f}x |"
@@ -157,16 +148,24 @@ def causal_lm_table(names: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _layers(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for n, p in model.named_parameters() if p.dim() > 1 or ("norm" in n.lower() and n.endswith("weight"))]
+def _slimfit(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, unit: str, compression: CompressionPolicy | None
+) -> slimfit.SlimFit:
+    """SlimFit at FREEZE_RATIO with seed 0, so every row of a model trains the same first set."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # modules left uncompressed (ViT's patch Conv2d), layers over the budget
+        return slimfit.SlimFit(
+            model, optimizer, freeze_ratio=FREEZE_RATIO, freeze_unit=unit, compression=compression, seed=0
+        )
 
 
-def _random_freeze(model: torch.nn.Module) -> None:
-    layers = _layers(model)
-    keep = round((1 - FREEZE_RATIO) * len(layers))
-    chosen = set(torch.randperm(len(layers), generator=torch.Generator().manual_seed(0))[:keep].tolist())
-    for i, p in enumerate(layers):
-        p.requires_grad_(i in chosen)
+def _saved_under(model: torch.nn.Module, batch: dict, unit: str, compression: CompressionPolicy | None) -> int:
+    """Saved bytes of one forward with SlimFit's first set trainable (``compression=None``: freezing alone)."""
+    sf = _slimfit(model, torch.optim.AdamW(model.parameters()), unit, compression)
+    try:
+        return _saved(model, batch)
+    finally:
+        sf.remove()
 
 
 def _saved(model: torch.nn.Module, batch: dict) -> int:
@@ -198,21 +197,13 @@ def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch:
     return dict(weights=parameter_bytes(model), gradients=grads, optimizer=optimizer_state_bytes(optimizer, device))
 
 
-def run(name: str) -> list[dict]:
+def run(name: str, unit: str) -> list[dict]:
     rows = []
-    for setup in ("full fine-tuning", "freeze only", "SlimFit"):
+    for setup, policy in (("full fine-tuning", None), ("freeze only", None), ("SlimFit", CompressionPolicy())):
         model, make_batch = _model(name)
         model.train()
-        sf = None
-        if setup == "freeze only":
-            _random_freeze(model)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad or setup == "SlimFit"])
-        if setup == "SlimFit":
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # ViT's Conv2d patch embedding stays uncompressed, as reported
-                sf = slimfit.SlimFit(
-                    model, optimizer, freeze_ratio=FREEZE_RATIO, freeze_unit="layers", compression=CompressionPolicy()
-                )
+        optimizer = torch.optim.AdamW(model.parameters())
+        sf = None if setup == "full fine-tuning" else _slimfit(model, optimizer, unit, policy)
         saved8, saved128 = _saved_by_batch(model, make_batch)
         counts = _train_step(model, optimizer, make_batch(8), sf)
         rows.append(dict(model=name, setup=setup, saved8=saved8, saved128=saved128, **counts))
@@ -222,7 +213,7 @@ def run(name: str) -> list[dict]:
     return rows
 
 
-def run_causal_lm(name: str) -> list[dict]:
+def run_causal_lm(name: str, unit: str) -> list[dict]:
     """Bytes by category for :func:`_causal_lm`'s model and batch: full fine-tuning, then SlimFit's schedule without
     compression (freeze only) and with it; both SlimFit rows train the same first set (seed 0)."""
     rows = []
@@ -230,11 +221,7 @@ def run_causal_lm(name: str) -> list[dict]:
         model, batch = _causal_lm(name)
         model.train()
         optimizer = torch.optim.AdamW(model.parameters())
-        sf = None
-        if setup != "full fine-tuning":
-            sf = slimfit.SlimFit(
-                model, optimizer, freeze_ratio=FREEZE_RATIO, freeze_unit="layers", compression=policy, seed=0
-            )
+        sf = None if setup == "full fine-tuning" else _slimfit(model, optimizer, unit, policy)
         saved = _saved(model, batch)
         counts = _train_step(model, optimizer, batch, sf)
         rows.append(dict(model=name, setup=setup, saved=saved, **counts))
@@ -306,10 +293,17 @@ def main() -> None:
         choices=list(CAUSAL_LMS),
         help="also tabulate bytes by category of these causal LMs (full, freeze only and SlimFit at 4 x 512 tokens)",
     )
+    parser.add_argument(
+        "--freeze-unit",
+        default=FREEZE_UNITS[0],
+        choices=list(FREEZE_UNITS),
+        help="what the freeze ratio counts (slimfit.SlimFit's freeze_unit; default: the library's)",
+    )
     args = parser.parse_args()
-    rows = [r for m in args.models for r in run(m)]
+    unit = args.freeze_unit
+    rows = [r for m in args.models for r in run(m, unit)]
     header = (
-        f"# Memory by category (MiB), fp32, train mode, freeze ratio {FREEZE_RATIO}\n\n"
+        f"# Memory by category (MiB), fp32, train mode, freeze ratio {FREEZE_RATIO} counting {unit}\n\n"
         f"{datetime.date.today()} · {platform.machine()} {platform.processor() or ''} · torch {torch.__version__} · "
         f"transformers {transformers.__version__} · slimfit {slimfit.__version__}\n\n"
         "BERT-base: batch x 128 tokens; ViT-base: 224 px (197 tokens). Weights, gradients and AdamW state after one "
@@ -319,13 +313,13 @@ def main() -> None:
     )
     text = header + (_table(rows) if rows else "")
     if args.families:
-        text += "\n## Saved for backward (MiB), batch 8, per family\n\n" + families_table(args.families)
+        text += "\n## Saved for backward (MiB), batch 8, per family\n\n" + families_table(args.families, unit)
     if args.causal_lm:
         text += "\n## Causal LMs: saved for backward (MiB), 4 x 512 tokens with labels\n\n"
-        text += causal_lm_table(args.causal_lm)
+        text += causal_lm_table(args.causal_lm, unit)
     if args.causal_lm_memory:
         text += "\n## Causal LMs: bytes by category (MiB), 4 x 512 tokens with labels, after one step\n\n"
-        text += _causal_lm_memory_table([r for m in args.causal_lm_memory for r in run_causal_lm(m)])
+        text += _causal_lm_memory_table([r for m in args.causal_lm_memory for r in run_causal_lm(m, unit)])
     print(text)
     if args.out:
         with open(args.out, "w") as f:
