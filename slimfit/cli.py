@@ -302,7 +302,9 @@ def _add_training_options(parser: argparse.ArgumentParser, with_checkpoints: boo
         "--freeze-ratio",
         type=float,
         default=default("freeze_ratio"),
-        help="share of layers frozen each step (default: %(default)s)",
+        help="share of the layers' parameters frozen each step (of the layers themselves with --freeze-unit "
+        "layers); on small question-answering sets 0.8 kept full fine-tuning's accuracy where 0.9 did not "
+        "(README, 'Which ratio') (default: %(default)s)",
     )
     train.add_argument(
         "--epochs", type=int, default=default("epochs"), help="passes over the training data (default: %(default)s)"
