@@ -277,7 +277,7 @@ def main() -> None:
         nargs="*",
         default=[],
         choices=["bert", "roberta", "distilbert", "electra", "vit", "deit", "bert-qa"],
-        help="also tabulate saved bytes at batch 8 for these base-size families (patch + random freeze)",
+        help="also tabulate saved bytes at batch 8 for these base-size families (full, freeze only, SlimFit)",
     )
     parser.add_argument(
         "--causal-lm",

@@ -296,23 +296,28 @@ def test_bad_arguments():
         CompressionPolicy(dropout="bytes")
 
 
-def _bert_base_freeze_90(seed: int = 0):
+def _bert_base_first_set(seed: int = 0):
+    """BERT-base with SlimFit's first trainable set at freeze ratio 0.9 (default unit, ``seed``) left trainable, the
+    set ``benchmarks/bench_memory.py`` measures; returns the model and the trainable parameters' names."""
     torch.manual_seed(seed)
     model = transformers.BertForSequenceClassification(transformers.BertConfig())
     model.train()
-    layers = [(n, p) for n, p in model.named_parameters() if _is_layer(n, p)]
-    assert len(layers) == 102
-    chosen = set(torch.randperm(len(layers), generator=torch.Generator().manual_seed(seed))[:10].tolist())
-    for i, (_, p) in enumerate(layers):
-        p.requires_grad_(i in chosen)
-    return model, [layers[i][0] for i in sorted(chosen)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the word embeddings are larger than the per-step budget and stay frozen
+        sf = SlimFit(model, torch.optim.AdamW(model.parameters()), freeze_ratio=0.9, compression=None, seed=seed)
+    chosen = {n for n, p in model.named_parameters() if p.requires_grad}
+    sf.remove()
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in chosen)
+    return model, sorted(chosen)
 
 
 @pytest.mark.slow
 def test_bert_base_acceptance():
-    """BERT-base, batch 8 x 128, 90% frozen: README's 12.1x less saved than full fine-tuning (held to 11.5x, measured
-    here against full fine-tuning of the same model and batch); gradient cosine >= 0.99 on every trainable tensor."""
-    model, trainable = _bert_base_freeze_90()
+    """BERT-base, batch 8 x 128, SlimFit's first set at freeze ratio 0.9: README's 11.9x less saved than full
+    fine-tuning (held to 11.5x, measured here against full fine-tuning of the same model and batch); gradient
+    cosine >= 0.99 on every trainable tensor."""
+    model, trainable = _bert_base_first_set()
     g = torch.Generator().manual_seed(0)
     batch = dict(input_ids=torch.randint(0, 30522, (8, 128), generator=g), labels=torch.tensor([0, 1] * 4))
     chosen = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -331,6 +336,12 @@ def test_bert_base_acceptance():
     handle.remove()
     assert full_fine_tuning / saved >= 11.5, (full_fine_tuning / 2**20, saved / 2**20)
     for n in trainable:
+        if n.endswith("attention.self.key.bias"):
+            # Zero up to rounding on both sides: a key bias adds the same q . b to every score of a query's row,
+            # which softmax ignores, so cosine similarity would compare rounding noise.
+            scale = ref_grads[n.replace(".key.", ".value.")].norm()
+            assert grads[n].norm() <= 1e-5 * scale and ref_grads[n].norm() <= 1e-5 * scale, n
+            continue
         cos = torch.nn.functional.cosine_similarity(grads[n].flatten(), ref_grads[n].flatten(), dim=0)
         assert cos >= 0.99, (n, float(cos))
 
