@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
+from checks import expect_cli_error  # noqa: E402
 from tiny_bert import bypass_attention_registry, save_tiny_bert, texts, write_csv  # noqa: E402
 
 from slimfit import cli  # noqa: E402
@@ -107,36 +108,28 @@ def test_finetune_writes_metrics_log_and_plots(assets, tmp_path, capsys, method)
     assert output.stat().st_mode & 0o777 == 0o777 & ~umask  # not the private mode of the staging folder
 
 
-def expect_error(capsys, argv: list[str], *fragments: str) -> str:
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
-
-
 def test_missing_data_file(assets, tmp_path, capsys):
-    expect_error(capsys, finetune(assets, "--output", str(tmp_path / "o"), data=tmp_path / "nope.csv"), "nope.csv")
+    expect_cli_error(capsys, finetune(assets, "--output", str(tmp_path / "o"), data=tmp_path / "nope.csv"), "nope.csv")
     assert not (tmp_path / "o").exists()
 
 
 def test_missing_column_is_named(assets, tmp_path, capsys):
     argv = finetune(assets, "--output", str(tmp_path / "o"))
     argv[argv.index("topic")] = "category"
-    expect_error(capsys, argv, "'category'", "--label-column", "body, topic")
+    expect_cli_error(capsys, argv, "'category'", "--label-column", "body, topic")
 
 
 def test_single_class(assets, tmp_path, capsys):
     data = write_csv(tmp_path / "one.csv", [(text, "sport") for text, _ in texts(10)])
-    expect_error(capsys, finetune(assets, "--output", str(tmp_path / "o"), data=data), "'sport'", "at least 2 classes")
+    argv = finetune(assets, "--output", str(tmp_path / "o"), data=data)
+    expect_cli_error(capsys, argv, "'sport'", "at least 2 classes")
 
 
 def test_empty_texts(assets, tmp_path, capsys):
     rows = texts(10)
     rows[3] = ("   ", "tech")
     data = write_csv(tmp_path / "empty.csv", rows)
-    expect_error(
+    expect_cli_error(
         capsys, finetune(assets, "--output", str(tmp_path / "o"), data=data), "1 of 10 texts in 'body' are empty"
     )
 
@@ -144,19 +137,19 @@ def test_empty_texts(assets, tmp_path, capsys):
 def test_unknown_model_path(assets, tmp_path, capsys):
     argv = finetune(assets, "--output", str(tmp_path / "o"))
     argv[argv.index(str(assets["model"]))] = str(tmp_path / "no-model")
-    expect_error(capsys, argv, "--model", "no-model")
+    expect_cli_error(capsys, argv, "--model", "no-model")
 
 
 def test_revisit_rounds_must_not_be_negative(assets, tmp_path, capsys):
     argv = finetune(assets, "--revisit-rounds", "-1", "--output", str(tmp_path / "o"))
-    expect_error(capsys, argv, "--revisit-rounds: -1 must be at least 0 (0: no bound)")
+    expect_cli_error(capsys, argv, "--revisit-rounds: -1 must be at least 0 (0: no bound)")
     assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("option", ["--lr", "--slimfit-lr", "--lora-lr"])
 @pytest.mark.parametrize("value", ["0", "-0.001", "nan"])
 def test_learning_rates_must_be_positive(assets, tmp_path, capsys, option, value):
-    expect_error(capsys, finetune(assets, option, value, "--output", str(tmp_path / "o")), option, value)
+    expect_cli_error(capsys, finetune(assets, option, value, "--output", str(tmp_path / "o")), option, value)
     assert not (tmp_path / "o").exists()
 
 
@@ -215,7 +208,7 @@ def test_existing_output_is_left_untouched(assets, tmp_path, capsys):
     output = tmp_path / "taken"
     output.mkdir()
     (output / "keep.txt").write_text("mine")
-    expect_error(capsys, finetune(assets, "--output", str(output)), "already exists")
+    expect_cli_error(capsys, finetune(assets, "--output", str(output)), "already exists")
     assert [p.name for p in output.iterdir()] == ["keep.txt"]
 
 
@@ -343,14 +336,14 @@ def test_bundled_model_is_named_and_too_long_texts_are_refused(assets, tmp_path)
 def test_max_length_beyond_the_models_positions(assets, tmp_path, capsys):
     argv = finetune(assets, "--output", str(tmp_path / "o"))
     argv[argv.index("--max-length") + 1] = "65"  # the tiny BERT has 64 positions
-    expect_error(capsys, argv, "--max-length: 65 tokens", "(at most 64: max_position_embeddings in")
+    expect_cli_error(capsys, argv, "--max-length: 65 tokens", "(at most 64: max_position_embeddings in")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_head_for_another_number_of_labels(assets, tmp_path, capsys):
     rows = [(text, ("sport", "tech", "misc")[i % 3]) for i, (text, _) in enumerate(texts(30))]
     data = write_csv(tmp_path / "three.csv", rows)
-    expect_error(
+    expect_cli_error(
         capsys,
         finetune(assets, "--output", str(tmp_path / "o"), data=data),
         f"--model: {assets['model']} has a classification head for 2 labels (LABEL_0, LABEL_1)",
@@ -373,7 +366,7 @@ def test_model_config_that_cannot_train_the_task(assets, tmp_path, capsys, chang
     (model / "config.json").write_text(json.dumps({**config, **change}))
     argv = finetune(assets, "--output", str(tmp_path / "o"))
     argv[argv.index(str(assets["model"]))] = str(model)
-    expect_error(capsys, argv, f"--model: {model}", fragment)
+    expect_cli_error(capsys, argv, f"--model: {model}", fragment)
     assert not (tmp_path / "o").exists()
 
 
@@ -389,7 +382,7 @@ def failing_optimizer(monkeypatch):
 def test_error_while_training_is_one_line(assets, tmp_path, capsys, failing_optimizer, command):
     argv = finetune(assets, "--output", str(tmp_path / "o"))
     argv[0] = command
-    expect_error(
+    expect_cli_error(
         capsys,
         argv,
         f"slimfit: error: `slimfit {command}` failed: RuntimeError: injected failure (SLIMFIT_DEBUG=1 shows the "
@@ -403,7 +396,7 @@ def test_failure_while_saving_the_model_leaves_nothing(assets, tmp_path, capsys,
         raise OSError("disk full")
 
     monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "save_pretrained", save_pretrained)
-    expect_error(capsys, finetune(assets, "--output", str(tmp_path / "o")), "OSError: disk full")
+    expect_cli_error(capsys, finetune(assets, "--output", str(tmp_path / "o")), "OSError: disk full")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -467,7 +460,7 @@ def test_resumed_run_reproduces_the_uninterrupted_one(assets, tmp_path, freeze_u
 
 def test_resume_from_something_that_is_not_a_checkpoint(assets, tmp_path, capsys):
     argv = finetune(assets, "--resume-from-checkpoint", str(tmp_path), "--output", str(tmp_path / "o"))
-    expect_error(capsys, argv, f"--resume-from-checkpoint: {tmp_path} is not a Trainer checkpoint folder")
+    expect_cli_error(capsys, argv, f"--resume-from-checkpoint: {tmp_path} is not a Trainer checkpoint folder")
 
 
 def test_resume_from_the_last_checkpoint_is_refused(assets, tmp_path, capsys):
@@ -475,7 +468,7 @@ def test_resume_from_the_last_checkpoint_is_refused(assets, tmp_path, capsys):
     argv = finetune(assets, "--freeze-ratio", "0.5", "--save-steps", "3")
     assert cli.main([*argv, "--output", str(whole)]) == 0
     last = whole / "checkpoint-3"
-    expect_error(
+    expect_cli_error(
         capsys,
         [*finetune(assets), "--resume-from-checkpoint", str(last), "--output", str(tmp_path / "o")],
         f"--resume-from-checkpoint: {last} is at step 3 of 3, the end of its run",

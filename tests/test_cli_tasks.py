@@ -13,6 +13,7 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 
+from checks import expect_cli_error  # noqa: E402
 from tiny_bert import SPORT, TECH, save_tiny_bert  # noqa: E402
 from tiny_vit import save_vit, write_classes  # noqa: E402
 
@@ -186,12 +187,7 @@ def test_task_inference(assets):
 
 def expect_error(capsys, tmp_path: Path, argv: list[str], *fragments: str) -> None:
     output = tmp_path / "out"
-    assert cli.main([*argv, *SHORT, "--output", str(output)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    for fragment in fragments:
-        assert fragment in err, err
-    assert not output.exists()
+    expect_cli_error(capsys, [*argv, *SHORT, "--output", str(output)], *fragments, output=output)
 
 
 def test_missing_pair_column_is_named(assets, tmp_path, capsys):

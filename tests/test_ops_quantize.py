@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from checks import assert_same, bits_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,21 +23,6 @@ KERNEL_DEVICES = [
         ),
     ),
 ]
-
-
-def bits_of(t: torch.Tensor) -> torch.Tensor:
-    """Bit pattern of a tensor on CPU with every NaN made one NaN (the format leaves NaN payloads open)."""
-    t = t.detach().cpu().contiguous()
-    if not t.is_floating_point():
-        return t
-    t = t.masked_fill(t.isnan(), float("nan"))
-    return t.view(torch.uint8) if t.dim() else t.view(1).view(torch.uint8)
-
-
-def assert_same(a, b) -> None:
-    for u, v in zip(a, b, strict=True):
-        assert u.dtype == v.dtype and u.shape == v.shape
-        assert torch.equal(bits_of(u), bits_of(v))
 
 
 def sample(shape, dtype, seed=0) -> torch.Tensor:

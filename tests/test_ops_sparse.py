@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from checks import assert_same, bits_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,17 +23,6 @@ KERNEL_DEVICES = [
     pytest.param("cuda", marks=CUDA),
 ]
 API_DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
-
-
-def bits_of(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().cpu().contiguous()
-    return t.view(torch.uint8) if t.dim() and t.is_floating_point() else t
-
-
-def assert_same(a, b) -> None:
-    for u, v in zip(a, b, strict=True):
-        assert u.dtype == v.dtype and u.shape == v.shape
-        assert torch.equal(bits_of(u), bits_of(v))
 
 
 def sample(shape, dtype, seed=0) -> torch.Tensor:

@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from checks import expect_cli_error  # noqa: E402
 from tiny_bert import save_tiny_bert  # noqa: E402
 from tiny_vit import save_vit  # noqa: E402
 
@@ -302,12 +303,7 @@ def test_task_inference(assets, tmp_path):
 
 def expect_error(capsys, tmp_path: Path, argv: list[str], *fragments: str) -> None:
     output = tmp_path / "out"
-    assert cli.main([*argv, *SHORT, "--output", str(output)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    for fragment in fragments:
-        assert fragment in err, err
-    assert not output.exists()
+    expect_cli_error(capsys, [*argv, *SHORT, "--output", str(output)], *fragments, output=output)
 
 
 def test_no_model_is_refused(assets, tmp_path, capsys):
