@@ -13,17 +13,36 @@ Nothing here is guessed from formulas except what is exact by construction:
   full fine-tuning: ``saved(L, T) = fixed(T) + L * block(T)`` with ``block = saved(2, T) - saved(1, T)``, both affine
   in the token count T from T = 256 and 512; checked against direct measurements at 3 layers x 512 tokens and at
   1 and 2 layers x 2048 tokens.
-  SlimFit (default ``CompressionPolicy``, 90% of the layers frozen, ``freeze_unit="layers"``; the default counts
-  parameters, which this script does not model): what a decoder block keeps depends on which of
+  SlimFit (default ``CompressionPolicy``, freeze ratio 0.9): what a decoder block keeps depends on which of
   its 9 layers train and on whether its input needs a gradient (some layer below it trains), and what the
   embedding / final norm / chunked LM head and loss keep depends on whether the embedding, the final norm and the
   final hidden state need one. Each such state is measured once (per-block bytes attributed with forward hooks
   on the decoder layers, at 256 and 512 tokens), so the saved bytes of any trainable set of the 16-layer model are
-  a sum of measured terms. Trainable sets are SlimFit's own: ``K = round(0.1 * N)`` of the ``N`` layers of
-  ``slimfit.layers.split_parameters``, drawn as the warm-up steps of ``InterLayerScheduler`` over many seeds.
-  The sum is checked against direct measurements of random sets on 2 layers x 2048 and 3 layers x 512 tokens.
+  a sum of measured terms, checked against direct measurements on 2 layers x 2048 and 3 layers x 512 tokens.
+
+``--freeze-unit`` picks what the freeze ratio counts, as ``slimfit.SlimFit``'s ``freeze_unit`` (default: the
+library's default, ``parameters``):
+
+- ``parameters``: SlimFit itself is built on the 16-layer meta-device model, once per seed, so the budget (10% of
+  the elements of all 146 candidate layers, the embedding included: 123,581,440), the layers larger than it (the
+  tied embedding / LM head, 262.7M elements: it stays frozen, as SlimFit warns) and the costs are the library's
+  own. Expected case: the mean over the trainable sets of the scheduler's warm-up steps (every step that trains
+  a layer not trained before; the layers that trained get uniform random scores, so the ranked layers that fill
+  what the pending ones leave of the budget are a random pick) of gradients, moments, score sample and saved
+  activations. Each such set holds all 33 RMSNorm weights (2,048 elements each, they fit beside any choice of
+  matrices), so from block 0's input norm on everything needs a gradient. Worst case: the set within the budget
+  with the most device memory, i.e. the largest sum of gradients + moments + score sample + saved activations,
+  found exactly by dynamic programming over the blocks (each block any of its 512 trainable subsets, every one
+  measured with and without an input gradient; state: matrix elements used, whether the next block's input needs
+  a gradient, whether the rotary tables are kept) and the final norm. The norms never bind: the most matrix
+  elements that fit plus all norms is within the budget (asserted), so only matrix elements are tracked.
+- ``layers``: ``K = round(0.1 * N)`` of the ``N`` layers of ``slimfit.layers.split_parameters`` train per step.
+  Expected case: each layer trains K/N of the steps for gradients and moments; activations averaged over the
+  full K-chunks of ``InterLayerScheduler``'s warm-up orders over many seeds. Worst case: the K largest layers
+  (the embedding and K - 1 MLP matrices), placed to keep the most activations.
 
 Usage: python benchmarks/estimate_llama_1b.py [--out benchmarks/results/estimate-llama-1b-DATE.md] [--seeds 50]
+       [--freeze-unit {parameters,layers}]
 """
 
 from __future__ import annotations
@@ -43,12 +62,14 @@ from slimfit.layers import split_parameters
 from slimfit.memory import SavedTensorMeter
 from slimfit.models import patch
 from slimfit.policy import CompressionPolicy
-from slimfit.scheduler import InterLayerScheduler
+from slimfit.scheduler import FREEZE_UNITS, InterLayerScheduler
 from slimfit.scoring import sample_bytes
 
 GiB = 2**30
 MiB = 2**20
 FREEZE_RATIO = 0.9
+GRAD_BYTES, MOMENT_BYTES = 2, 8  # bf16 gradients, two fp32 AdamW moments per trainable parameter
+SCORE_SEED = 1_000_000  # + seed: the random update scores that drive the parameter-counting warm-up
 LAYERS = 16
 TOKENS = 2048
 FIT_TOKENS = (256, 512)
@@ -153,6 +174,35 @@ def scheduler_draws(layer_names: list[str], seeds: int) -> list[set[str]]:
         order = InterLayerScheduler(n, k, torch.Generator().manual_seed(seed)).warmup_order.tolist()
         sets += [{layer_names[i] for i in order[j : j + k]} for j in range(0, n - k + 1, k)]
     return sets
+
+
+def parameter_schedule(layers: int, seeds: range) -> tuple[list[str], int, list[set[str]]]:
+    """SlimFit counting parameters, built by the library itself on a meta-device model of ``layers`` decoder
+    layers, once per seed: its schedulable layers (a layer larger than the per-step budget stays frozen and is not
+    among them), its budget in elements, and the trainable sets of its warm-up steps (every step that trains a
+    layer not trained before). After each step the layers that trained get uniform random scores, so the ranked
+    layers that fill what the pending ones leave of the budget are a random pick."""
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config(layers))
+    sets = []
+    for seed in seeds:
+        optimizer = torch.optim.AdamW(model.parameters())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # layers too large for the budget (reported by name); uncompressed norms
+            sf = slimfit.SlimFit(model, optimizer, freeze_ratio=FREEZE_RATIO, freeze_unit="parameters", seed=seed)
+        names, budget, scheduler = sf.layer_names, sf.num_trainable, sf.scheduler
+        scores = torch.Generator().manual_seed(SCORE_SEED + seed)
+        while any(not scheduler.scored[i] for i in scheduler.trainable):
+            trainable = scheduler.trainable
+            sets.append({names[i] for i in trainable})
+            scheduler.step(trainable, torch.rand(len(trainable), generator=scores))
+        sf.remove()
+    return names, budget, sets
+
+
+def device_bytes(size: int) -> int:
+    """Bytes a trainable layer of ``size`` bf16 elements adds on the device: gradient, AdamW moments, score sample."""
+    return (GRAD_BYTES + MOMENT_BYTES) * size + sample_bytes(size, 2)
 
 
 # ---------------------------------------------------------------- measuring
@@ -298,6 +348,70 @@ def worst_case_activations(tables: SlimFitTables, k: int, n: int) -> tuple[float
     return tables.predict(plan, n), plan
 
 
+def worst_case_by_parameters(tables: SlimFitTables, sizes: dict[str, int], budget: int, n: int) -> tuple[float, Plan]:
+    """The trainable set of schedulable layers (``sizes``) within ``budget`` elements whose gradients, moments,
+    score sample and saved activations at ``n`` tokens add up to the most bytes on the device (exact, by dynamic
+    programming over the blocks, each block any subset of its layers, then the final norm).
+
+    Only the matrices are tracked against the budget: the smallest layers (the RMSNorm weights) all fit beside
+    the most matrix elements that fit (asserted), so they never decide whether a set fits. The DP state is
+    (matrix elements used, whether the next block's input needs a gradient, whether the rotary tables are kept).
+    """
+    small = min(sizes.values())
+    reachable = {0}  # sums of matrix sizes within the budget
+    for size in sizes.values():
+        if size != small:
+            reachable |= {r + size for r in reachable if r + size <= budget}
+    smalls = sum(size for size in sizes.values() if size == small)
+    assert max(reachable) + smalls <= budget, "the smallest layers could decide whether a set fits"
+    shape: dict[str, int] = {}
+    for name, size in sizes.items():
+        if name.startswith(PREFIX + "0."):
+            shape[name[len(PREFIX) + 2 :]] = size
+    assert all(sizes[f"{PREFIX}{i}.{local}"] == size for i in range(LAYERS) for local, size in shape.items())
+    assert set(sizes) == {f"{PREFIX}{i}.{local}" for i in range(LAYERS) for local in shape} | {NORM}
+    subsets = [frozenset(c) for r in range(len(shape) + 1) for c in itertools.combinations(sorted(shape), r)]
+    terms = {}  # (input needs a gradient, subset) -> (device bytes, keeps the rotary tables, matrix elements)
+    for grad in (False, True):
+        for s in subsets:
+            fit, rope = tables.block_fit((grad, s))
+            terms[grad, s] = (
+                at(fit, n) + sum(device_bytes(shape[x]) for x in s),
+                rope,
+                sum(shape[x] for x in s if shape[x] != small),
+            )
+    dp = {(0, False, False): (0.0, ())}
+    for _ in range(LAYERS):
+        nxt: dict[tuple[int, bool, bool], tuple[float, tuple]] = {}
+        for (used, grad, rope), (value, sets) in dp.items():
+            for s in subsets:
+                b, r, c = terms[grad, s]
+                key = (used + c, grad or bool(s), rope or r)
+                if key[0] <= budget and (key not in nxt or nxt[key][0] < value + b):
+                    nxt[key] = (value + b, sets + (s,))
+        dp = nxt
+    rope_bytes = at(affine(tables.rope), n)
+    best = None
+    for (_, grad, rope), (value, sets) in dp.items():
+        for norm in (False, True):
+            total = value + at(tables.outside_fit((False, norm, grad)), n) + (rope_bytes if rope else 0.0)
+            total += device_bytes(sizes[NORM]) if norm else 0
+            if best is None or total > best[0]:
+                best = (total, Plan(False, norm, sets))
+    plan = best[1]
+    return tables.predict(plan, n), plan
+
+
+def check_plans(layers: int, unit: str, worst: Plan | None) -> list[Plan]:
+    """Trainable sets of a ``layers``-layer model whose saved bytes are measured directly to check the tables."""
+    if unit == "layers":
+        return small_plans(layers, 3, layers - 1)
+    # The first two warm-up sets of the small model's own parameter-counting schedule, and the 16-layer worst
+    # case cut to its first blocks (with its final norm).
+    _, _, sets = parameter_schedule(layers, range(layers - 1, layers))
+    return [Plan.from_names(s, layers) for s in sets[:2]] + [Plan(worst.embed, worst.norm, worst.blocks[:layers])]
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -305,7 +419,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="also write the report (markdown) to this file")
     parser.add_argument("--seeds", type=int, default=50, help="warm-up orders drawn for the expected SlimFit case")
+    parser.add_argument(
+        "--freeze-unit",
+        default=FREEZE_UNITS[0],
+        choices=list(FREEZE_UNITS),
+        help="what the freeze ratio counts (slimfit.SlimFit's freeze_unit; default: the library's)",
+    )
     args = parser.parse_args()
+    unit = args.freeze_unit
     start = time.time()
 
     def log(msg: str) -> None:
@@ -317,11 +438,20 @@ def main() -> None:
     params = sum(p.numel() for p in big.parameters())  # tied embedding counted once
     layer_sizes = {layer.name: layer.param.numel() for layer in split_parameters(big).layers}
     assert sum(layer_sizes.values()) == params, "every parameter is a schedulable layer (Llama has no biases)"
-    n_layers = len(layer_sizes)
-    k = max(1, round((1 - FREEZE_RATIO) * n_layers))
-    names = list(layer_sizes)
     del big
-    log(f"{params:,} parameters, {n_layers} schedulable layers, K = {k}")
+    if unit == "layers":
+        names = list(layer_sizes)
+        n_layers = len(names)
+        k = max(1, round((1 - FREEZE_RATIO) * n_layers))
+        draws = scheduler_draws(names, args.seeds)
+        log(f"{params:,} parameters, {n_layers} schedulable layers, K = {k}")
+    else:
+        names, budget, draws = parameter_schedule(LAYERS, range(args.seeds))
+        n_layers = len(names)
+        too_large = [name for name in layer_sizes if name not in names]
+        scheduled = {name: layer_sizes[name] for name in names}
+        log(f"{params:,} parameters, budget {budget:,}, {n_layers} schedulable layers (frozen: {too_large})")
+    worst_plan = None
 
     # ---- full fine-tuning: saved(L, T) = fixed(T) + L * block(T), measured at L = 1, 2 and T = 256, 512.
     full: dict[tuple[int, int], int] = {}
@@ -337,17 +467,20 @@ def main() -> None:
         handle = patched(model)
         if layers == 1:
             tables = SlimFitTables(model)
-            for plan_names in scheduler_draws(names, args.seeds):
+            for plan_names in draws:
                 tables.predict(Plan.from_names(plan_names, LAYERS), TOKENS)  # measures every state it needs
-            worst_case_activations(tables, k, TOKENS)
-            for layers_v, n_v, seed in ((2, TOKENS, 1), (3, 512, 2)):
-                for plan in small_plans(layers_v, 3, seed):
+            if unit == "layers":
+                worst_saved, worst_plan = worst_case_activations(tables, k, TOKENS)
+            else:
+                worst_saved, worst_plan = worst_case_by_parameters(tables, scheduled, budget, TOKENS)
+            for layers_v, n_v in ((2, TOKENS), (3, 512)):
+                for plan in check_plans(layers_v, unit, worst_plan):
                     tables.predict(plan, n_v)
             log(f"SlimFit tables: {len(tables.block)} block states, {len(tables.outside)} outside states measured")
             tables.model = None
         else:
             n_v = TOKENS if layers == 2 else 512
-            for plan in small_plans(layers, 3, layers - 1):
+            for plan in check_plans(layers, unit, worst_plan):
                 apply(model, plan)
                 measured = measure(model, n_v)["total"]
                 validation.append((f"SlimFit, {layers} layers x {n_v} tokens", plan, n_v, measured))
@@ -369,15 +502,34 @@ def main() -> None:
         checks.append((label, tables.predict(plan, n), measured))
 
     # ---- SlimFit activations over the schedule's trainable sets, and the worst case.
-    draws = scheduler_draws(names, args.seeds)
     saved = sorted(tables.predict(Plan.from_names(s, LAYERS), TOKENS) for s in draws)
     mean_saved = sum(saved) / len(saved)
-    worst_saved, worst_plan = worst_case_activations(tables, k, TOKENS)
     worst_params = sum(layer_sizes[n] for n in worst_plan.names())
-    expected_params = params * k / n_layers
     draw_params = sum(sum(layer_sizes[n] for n in s) for s in draws) / len(draws)
-    expected_snapshot = sum(sample_bytes(size, 2) for size in layer_sizes.values()) * k / n_layers
     worst_snapshot = sum(sample_bytes(layer_sizes[n], 2) for n in worst_plan.names())
+    if unit == "parameters":  # the worst case holds at least as many bytes as any set the warm-up drew
+
+        def variable_bytes(names: set[str]) -> float:
+            plan = Plan.from_names(names, LAYERS)
+            return sum(device_bytes(layer_sizes[n]) for n in names) + tables.predict(plan, TOKENS)
+
+        assert max(variable_bytes(s) for s in draws) <= variable_bytes(worst_plan.names())
+    if unit == "layers":
+        expected_params = params * k / n_layers
+        expected_snapshot = sum(sample_bytes(size, 2) for size in layer_sizes.values()) * k / n_layers
+        with_moments = params  # every layer trains at some step, so each has moments (on the device or the host)
+    else:
+        expected_params = draw_params
+        expected_snapshot = sum(sum(sample_bytes(layer_sizes[n], 2) for n in s) for s in draws) / len(draws)
+        with_moments = sum(scheduled.values())  # a layer that never trains never gets optimizer state
+        draw_sizes = sorted(sum(layer_sizes[n] for n in s) for s in draws)
+        norms = {n for n in names if "norm" in n}
+        with_norms = sum(norms <= s for s in draws)
+        # Blocks whose input needs a gradient, per draw.
+        grad_blocks = sorted(sum(g for g, _ in Plan.from_names(s, LAYERS).states()[0]) for s in draws)
+        grad_range = (
+            str(grad_blocks[0]) if grad_blocks[0] == grad_blocks[-1] else f"{grad_blocks[0]} to {grad_blocks[-1]}"
+        )
     log(f"{len(draws)} draws: saved {saved[0] / MiB:.0f} .. {saved[-1] / MiB:.0f} MiB, mean {mean_saved / MiB:.0f}")
 
     def pct(q: float) -> float:
@@ -386,27 +538,27 @@ def main() -> None:
     columns = {
         "full fine-tuning": dict(
             weights=2 * params,
-            gradients=2 * params,
-            adam=8 * params,
+            gradients=GRAD_BYTES * params,
+            adam=MOMENT_BYTES * params,
             snapshot=0,
             saved=full_saved(LAYERS, TOKENS),
             host=0,
         ),
         "SlimFit, expected": dict(
             weights=2 * params,
-            gradients=2 * expected_params,
-            adam=8 * expected_params,
+            gradients=GRAD_BYTES * expected_params,
+            adam=MOMENT_BYTES * expected_params,
             snapshot=expected_snapshot,
             saved=mean_saved,
-            host=8 * (params - expected_params),
+            host=MOMENT_BYTES * (with_moments - expected_params),
         ),
         "SlimFit, worst case": dict(
             weights=2 * params,
-            gradients=2 * worst_params,
-            adam=8 * worst_params,
+            gradients=GRAD_BYTES * worst_params,
+            adam=MOMENT_BYTES * worst_params,
             snapshot=worst_snapshot,
             saved=worst_saved,
-            host=8 * (params - worst_params),
+            host=MOMENT_BYTES * (with_moments - worst_params),
         ),
     }
     for c in columns.values():
@@ -443,34 +595,98 @@ def main() -> None:
 
     groups: dict[str, list[str]] = {}
     for i, b in enumerate(worst_plan.blocks):
+        # Counting parameters, the RMSNorm weights are named once, as a count.
+        b = [x.split(".")[-2] for x in sorted(b) if unit == "layers" or "norm" not in x]
         if b:
-            groups.setdefault(" + ".join(x.split(".")[1] for x in sorted(b)), []).append(str(i))
-    worst_desc = "; ".join(f"{k} in blocks {', '.join(v)}" for k, v in groups.items())
+            groups.setdefault(" + ".join(b), []).append(str(i))
+    worst_desc = "; ".join(f"{key} in block{'s' * (len(v) > 1)} {', '.join(v)}" for key, v in groups.items())
+    command = "python benchmarks/estimate_llama_1b.py --seeds " + str(args.seeds)
+    command += "" if unit == FREEZE_UNITS[0] else f" --freeze-unit {unit}"
+    if unit == "layers":
+        slimfit_setup = (
+            f'counting layers (`freeze_unit="layers"`), {n_layers} schedulable layers, K = {k} train per step'
+        )
+        gradients_text = f"""SlimFit expected: each layer trains in K/N =
+  {k}/{n_layers} of the steps (the warm-up visits every layer once; uniform over the schedule assumed
+  afterwards), so {expected_params / 1e6:.1f}M parameters in expectation (mean over the {len(draws)} measured
+  draws: {draw_params / 1e6:.1f}M). Worst case: the K largest layers, the tied embedding / LM head
+  ({layer_sizes[EMBED] / 1e6:.1f}M) and {k - 1} MLP matrices (16.8M each), {worst_params / 1e6:.1f}M parameters."""
+        moments_extra = ""
+        tables_text = "met"
+        expected_text = f"""the warm-up steps of SlimFit's
+  `InterLayerScheduler` for seeds 0-{args.seeds - 1} (each a uniformly random {k} of the {n_layers} layers)"""
+        spread_reason = """a block
+  keeps nothing unless a layer at or below it trains, so sets whose lowest trainable layer sits high keep less."""
+        worst_text = f"""Worst case: the embedding plus
+  the {k - 1} MLP matrices placed to keep the most ({worst_desc})."""
+    else:
+        kinds: dict[str, int] = {}
+        for x in worst_plan.names():
+            kind = "RMSNorm weights" if "norm" in x else x.split(".")[-2]
+            kinds[kind] = kinds.get(kind, 0) + 1
+        final_norm = " (the final norm included)" if worst_plan.norm else ""
+        worst_norms = "all" if norms <= worst_plan.names() else str(len(norms & worst_plan.names()))
+        if worst_params == draw_sizes[-1]:
+            fill_note = ", as many as the fullest warm-up set"
+        else:
+            fill_note = f"; the warm-up sets train at most {draw_sizes[-1]:,}"
+        worst_kinds = ", ".join(f"{v} {key}" for key, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+        slimfit_setup = (
+            f'counting parameters (`freeze_unit="parameters"`, the library\'s default): a budget of {budget:,} '
+            f"elements per step (10% of the {len(layer_sizes)} candidate layers' {params:,}); "
+            + ", ".join(f"`{x}` ({layer_sizes[x]:,})" for x in too_large)
+            + f" is larger than the budget and stays frozen (SlimFit warns), leaving {n_layers} schedulable layers"
+        )
+        if draw_sizes[0] == draw_sizes[-1]:
+            fill = f"every one {draw_sizes[0]:,}"
+        else:
+            fill = f"{draw_sizes[0]:,} to {draw_sizes[-1]:,}"
+        gradients_text = f"""SlimFit expected: mean over the {len(draws)} warm-up sets
+  below, {expected_params / 1e6:.1f}M parameters ({fill} of the budget's {budget:,}: a step takes
+  pending layers in warm-up order while they fit, skipping those that do not, then ranked ones the same way;
+  the matrices are multiples of 1,048,576 elements and the norms fill any rest). Worst case (see Activations):
+  {worst_params:,} parameters, {worst_kinds}."""
+        moments_extra = f""" {", ".join(f"`{x}`" for x in too_large)} never
+  trains, so it never gets moments: the host row counts the {n_layers} scheduled layers only."""
+        tables_text = "(every one of the 512 subsets of a block's layers, with and without an input gradient)"
+        expected_text = f"""the warm-up steps (every step that trains
+  a layer not trained before) of SlimFit built by the library on the meta-device model, counting parameters,
+  for seeds 0-{args.seeds - 1}; after each step the trained layers got uniform random scores, so the ranked
+  layers that fill what the pending ones leave of the budget are a random pick"""
+        spread_reason = f"""{with_norms} of
+  the {len(draws)} sets hold all {len(norms)} RMSNorm weights (2,048 elements each, they fit into any rest of
+  the budget), so block 0's input norm trains, and {grad_range} of the {LAYERS} blocks
+  have an input that needs a gradient (all but block 0: the embedding is frozen); the spread comes from which
+  matrices train where."""
+        worst_text = f"""Worst case: the trainable set within
+  the budget with the largest gradients + moments + score sample + saved activations, found exactly by dynamic
+  programming over the blocks (each block any of its 512 subsets; state: matrix elements used, whether the next
+  block's input needs a gradient, whether the rotary tables are kept) and the final norm. The norms never decide
+  whether a set fits (the most matrix elements that fit plus all 33 norms is within the budget), and a
+  trained parameter costs 10 bytes of gradient and moments, so the worst case fills the budget with matrices
+  ({worst_params:,} parameters: {worst_kinds}{fill_note}) and places them to keep the most
+  activations ({worst_saved / MiB:.0f} MiB). Besides {worst_norms} RMSNorm weights{final_norm}:
+  {worst_desc}."""
     header = (
         f"# Llama-3.2-1B-class model: estimated peak training memory (GiB), batch 1 x {TOKENS} tokens, bf16\n\n"
         f"{datetime.date.today()} · {platform.machine()} {platform.processor() or ''} · torch {torch.__version__} · "
         f"transformers {transformers.__version__} · slimfit {slimfit.__version__} · "
-        f"`python benchmarks/estimate_llama_1b.py --seeds {args.seeds}`\n\n"
+        f"`{command}`\n\n"
         "Model: `LlamaConfig` with Llama-3.2-1B's values: hidden 2048, intermediate 8192, 16 layers, 32 query / "
         "8 key-value heads, head dim 64, vocabulary 128,256, tied embeddings, rms_norm_eps 1e-5, "
         "max_position_embeddings 131,072, rope llama3 (theta 500,000, factor 32), no biases; random weights, "
         f"SDPA attention, train mode, labels given. {params:,} parameters (counted on the meta device; the tied "
-        f"embedding / LM head, {layer_sizes[EMBED]:,}, once). SlimFit: freeze ratio {FREEZE_RATIO} counting layers "
-        f'(`freeze_unit="layers"`), {n_layers} schedulable layers, K = {k} train per step, default '
-        '`CompressionPolicy` (chunked LM head and loss), `optimizer_state="offload"`.\n\n'
+        f"embedding / LM head, {layer_sizes[EMBED]:,}, once). SlimFit: freeze ratio {FREEZE_RATIO} {slimfit_setup}, "
+        'default `CompressionPolicy` (chunked LM head and loss), `optimizer_state="offload"`.\n\n'
     )
     how = f"""## How each number was obtained
 
 - **Weights**: 2 bytes x {params:,} parameters.
-- **Gradients**: 2 bytes per trainable parameter. Full: all. SlimFit expected: each layer trains in K/N =
-  {k}/{n_layers} of the steps (the warm-up visits every layer once; uniform over the schedule assumed
-  afterwards), so {expected_params / 1e6:.1f}M parameters in expectation (mean over the {len(draws)} measured
-  draws: {draw_params / 1e6:.1f}M). Worst case: the K largest layers, the tied embedding / LM head
-  ({layer_sizes[EMBED] / 1e6:.1f}M) and {k - 1} MLP matrices (16.8M each), {worst_params / 1e6:.1f}M parameters.
+- **Gradients**: 2 bytes per trainable parameter. Full: all. {gradients_text}
 - **AdamW moments**: 2 x fp32 = 8 bytes per trainable parameter (mixed-precision convention; `torch.optim.AdamW`
   on bf16 parameters keeps bf16 moments, half this). SlimFit's default `optimizer_state="offload"` keeps only
   the trainable layers' moments on the device; the frozen layers' moments sit in (pinned) host memory, listed
-  separately.
+  separately.{moments_extra}
 - **Score sample**: to score a trained layer's update SlimFit needs its weights from before `optimizer.step()`.
   For bf16 weights `scoring="auto"` keeps a sample (`slimfit.scoring.sample_size`): before values, after values
   and int64 positions of at most 1% of the layer's bytes, at least 256 elements (the 2,048-element RMSNorm weights
@@ -487,16 +703,13 @@ def main() -> None:
   SlimFit (patched, default policy): a decoder block's bytes depend on which of its 9 layers train and on whether
   its input needs a gradient (any layer below it trains); the embedding / final norm / chunked head part on
   whether the embedding, the final norm and the final hidden state need one. Each of the {len(tables.block)}
-  block states and {len(tables.outside)} outside states met was measured on the 1-layer model at 256 and 512
+  block states and {len(tables.outside)} outside states {tables_text} was measured on the 1-layer model at 256 and 512
   tokens (a block's share attributed with forward hooks on the decoder layer; the rotary cos / sin tables, kept by
   every block whose queries or keys need a gradient, counted once per model), so any trainable set's bytes are
-  a sum of measured terms. Expected: mean over {len(draws)} trainable sets, the warm-up steps of SlimFit's
-  `InterLayerScheduler` for seeds 0-{args.seeds - 1} (each a uniformly random {k} of the {n_layers} layers):
+  a sum of measured terms. Expected: mean over {len(draws)} trainable sets, {expected_text}:
   {mean_saved / MiB:.0f} MiB, spread {saved[0] / MiB:.0f} (min) / {pct(0.05) / MiB:.0f} (5%) /
-  {pct(0.5) / MiB:.0f} (median) / {pct(0.95) / MiB:.0f} (95%) / {saved[-1] / MiB:.0f} MiB (max): a block
-  keeps nothing unless a layer at or below it trains, so sets whose lowest trainable layer sits high keep less.
-  Worst case: the embedding plus
-  the {k - 1} MLP matrices placed to keep the most ({worst_desc}).
+  {pct(0.5) / MiB:.0f} (median) / {pct(0.95) / MiB:.0f} (95%) / {saved[-1] / MiB:.0f} MiB (max): {spread_reason}
+  {worst_text}
 - **Total** = the sum of the device rows. It bounds the peak from above: with `zero_grad(set_to_none=True)`
   gradients do not exist during the forward, and activations are freed during backward as gradients appear.
   Not included: the allocator's workspace, temporaries (the chunked head's 1,024 x 128,256 fp32 chunk of
