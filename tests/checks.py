@@ -7,20 +7,22 @@ from pathlib import Path
 import torch
 
 
-def bits_of(t: torch.Tensor) -> torch.Tensor:
-    """Bit pattern of a tensor on CPU with every NaN made one NaN (the formats leave NaN payloads open)."""
+def bits_of(t: torch.Tensor, any_nan: bool = False) -> torch.Tensor:
+    """Bit pattern of a tensor on CPU; with ``any_nan`` every NaN made one NaN (for formats that leave NaN payloads
+    open)."""
     t = t.detach().cpu().contiguous()
     if not t.is_floating_point():
         return t
-    t = t.masked_fill(t.isnan(), float("nan"))
+    if any_nan:
+        t = t.masked_fill(t.isnan(), float("nan"))
     return t.view(torch.uint8) if t.dim() else t.view(1).view(torch.uint8)
 
 
-def assert_same(a, b) -> None:
-    """Each pair of tensors has the same dtype, shape and bits."""
+def assert_same(a, b, any_nan: bool = False) -> None:
+    """Each pair of tensors has the same dtype, shape and bits (NaN payloads aside with ``any_nan``)."""
     for u, v in zip(a, b, strict=True):
         assert u.dtype == v.dtype and u.shape == v.shape
-        assert torch.equal(bits_of(u), bits_of(v))
+        assert torch.equal(bits_of(u, any_nan), bits_of(v, any_nan))
 
 
 def expect_cli_error(capsys, argv: list[str], *fragments: str, output: Path | None = None) -> str:

@@ -109,8 +109,8 @@ def test_finetune_writes_metrics_log_and_plots(assets, tmp_path, capsys, method)
 
 
 def test_missing_data_file(assets, tmp_path, capsys):
-    expect_cli_error(capsys, finetune(assets, "--output", str(tmp_path / "o"), data=tmp_path / "nope.csv"), "nope.csv")
-    assert not (tmp_path / "o").exists()
+    argv = finetune(assets, "--output", str(tmp_path / "o"), data=tmp_path / "nope.csv")
+    expect_cli_error(capsys, argv, "nope.csv", output=tmp_path / "o")
 
 
 def test_missing_column_is_named(assets, tmp_path, capsys):
@@ -142,15 +142,14 @@ def test_unknown_model_path(assets, tmp_path, capsys):
 
 def test_revisit_rounds_must_not_be_negative(assets, tmp_path, capsys):
     argv = finetune(assets, "--revisit-rounds", "-1", "--output", str(tmp_path / "o"))
-    expect_cli_error(capsys, argv, "--revisit-rounds: -1 must be at least 0 (0: no bound)")
-    assert not (tmp_path / "o").exists()
+    expect_cli_error(capsys, argv, "--revisit-rounds: -1 must be at least 0 (0: no bound)", output=tmp_path / "o")
 
 
 @pytest.mark.parametrize("option", ["--lr", "--slimfit-lr", "--lora-lr"])
 @pytest.mark.parametrize("value", ["0", "-0.001", "nan"])
 def test_learning_rates_must_be_positive(assets, tmp_path, capsys, option, value):
-    expect_cli_error(capsys, finetune(assets, option, value, "--output", str(tmp_path / "o")), option, value)
-    assert not (tmp_path / "o").exists()
+    argv = finetune(assets, option, value, "--output", str(tmp_path / "o"))
+    expect_cli_error(capsys, argv, option, value, output=tmp_path / "o")
 
 
 @pytest.mark.parametrize(
@@ -366,8 +365,7 @@ def test_model_config_that_cannot_train_the_task(assets, tmp_path, capsys, chang
     (model / "config.json").write_text(json.dumps({**config, **change}))
     argv = finetune(assets, "--output", str(tmp_path / "o"))
     argv[argv.index(str(assets["model"]))] = str(model)
-    expect_cli_error(capsys, argv, f"--model: {model}", fragment)
-    assert not (tmp_path / "o").exists()
+    expect_cli_error(capsys, argv, f"--model: {model}", fragment, output=tmp_path / "o")
 
 
 @pytest.fixture

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import checks
 import pytest
 import torch
-from checks import assert_same, bits_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,6 +24,10 @@ KERNEL_DEVICES = [
         ),
     ),
 ]
+
+# The quantized format leaves NaN payloads open: compare bits with every NaN made one NaN.
+bits_of = functools.partial(checks.bits_of, any_nan=True)
+assert_same = functools.partial(checks.assert_same, any_nan=True)
 
 
 def sample(shape, dtype, seed=0) -> torch.Tensor:
