@@ -335,6 +335,13 @@ def _add_training_options(parser: argparse.ArgumentParser, with_checkpoints: boo
     )
     train.add_argument("--slimfit-lr", type=float, help="learning rate of slimfit and freeze-only, overriding --lr")
     train.add_argument(
+        "--slimfit-no-decay-lr",
+        type=float,
+        help="learning rate of slimfit's and freeze-only's biases and normalisation weights (the parameters without "
+        "weight decay, which train at every step when --freeze-unit counts parameters), the other parameters "
+        "keeping --slimfit-lr or --lr (default: the same rate as the others)",
+    )
+    train.add_argument(
         "--lora-lr", type=float, default=default("lora_lr"), help="learning rate of lora (default: %(default)s)"
     )
     train.add_argument(

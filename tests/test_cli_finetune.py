@@ -145,7 +145,7 @@ def test_revisit_rounds_must_not_be_negative(assets, tmp_path, capsys):
     expect_cli_error(capsys, argv, "--revisit-rounds: -1 must be at least 0 (0: no bound)", output=tmp_path / "o")
 
 
-@pytest.mark.parametrize("option", ["--lr", "--slimfit-lr", "--lora-lr"])
+@pytest.mark.parametrize("option", ["--lr", "--slimfit-lr", "--lora-lr", "--slimfit-no-decay-lr"])
 @pytest.mark.parametrize("value", ["0", "-0.001", "nan"])
 def test_learning_rates_must_be_positive(assets, tmp_path, capsys, option, value):
     argv = finetune(assets, option, value, "--output", str(tmp_path / "o"))
@@ -159,6 +159,10 @@ def test_learning_rates_must_be_positive(assets, tmp_path, capsys, option, value
 def test_each_method_trains_at_its_learning_rate(method, expected):
     config = FinetuneConfig(method=method, lr=1e-5, slimfit_lr=3e-4, lora_lr=7e-4)
     assert config.method_lr == expected
+    assert config.no_decay_lr is None  # every parameter at the method's rate unless asked otherwise
+    separate = dataclasses.replace(config, slimfit_no_decay_lr=2e-4)
+    assert separate.method_lr == expected
+    assert separate.no_decay_lr == (2e-4 if method in ("slimfit", "freeze-only") else None)
     assert dataclasses.replace(config, slimfit_lr=None).method_lr == (7e-4 if method == "lora" else 1e-5)
     # Without rates: 5e-5 for full fine-tuning; the scheduled methods divide it by the share of layers that train.
     default = FinetuneConfig(method=method).method_lr
@@ -194,6 +198,44 @@ def test_slimfit_run_logs_the_learning_rate_each_step_used(assets, tmp_path):
     expected = [3e-4 * (s / warmup if s < warmup else (total - s) / (total - warmup)) for s in range(total)]
     assert expected[:3] == [0.0, 1.5e-4, 3e-4] and expected[-1] == pytest.approx(3e-4 / 18)
     assert rates == pytest.approx(expected, rel=1e-12, abs=0.0)
+
+
+@pytest.mark.parametrize(
+    ("method", "extra", "matrices", "no_decay"),
+    [
+        ("slimfit", ("--slimfit-lr", "3e-4", "--slimfit-no-decay-lr", "1e-4"), 3e-4, 1e-4),
+        ("freeze-only", ("--slimfit-no-decay-lr", "2e-5"), 1e-4, 2e-5),  # 5e-5 / (1 - 0.5)
+        ("slimfit", ("--slimfit-lr", "3e-4"), 3e-4, 3e-4),
+        ("full", ("--lr", "4e-5", "--slimfit-no-decay-lr", "1e-4"), 4e-5, 4e-5),
+    ],
+)
+def test_biases_and_norms_train_at_the_no_decay_rate(assets, tmp_path, monkeypatch, method, extra, matrices, no_decay):
+    from slimfit.finetune import loop
+    from slimfit.integrations.hf import SlimFitCallback
+
+    built = []
+    create = loop.MeteredTrainer.create_optimizer
+
+    def spy(self, *args, **kwargs):
+        optimizer = create(self, *args, **kwargs)
+        scheduled = any(isinstance(c, SlimFitCallback) for c in self.callback_handler.callbacks)
+        built.append((scheduled, optimizer, {id(p): n for n, p in self.model.named_parameters()}))
+        return optimizer
+
+    monkeypatch.setattr(loop.MeteredTrainer, "create_optimizer", spy)
+    argv = finetune(assets, "--method", method, "--freeze-ratio", "0.5", *extra, "--output", str(tmp_path / "run"))
+    assert cli.main(argv) == 0
+    # A scheduled run also builds Trainers for full fine-tuning, to report its memory: check the run's own.
+    runs = [(optimizer, names) for scheduled, optimizer, names in built if scheduled == (method != "full")]
+    assert runs
+    for optimizer, names in runs:
+        # initial_lr is what the LR scheduler warms up to and decays from, so it shows the scheduler saw the rate.
+        rates = {names[id(p)]: group["initial_lr"] for group in optimizer.param_groups for p in group["params"]}
+        biases_and_norms = {n: r for n, r in rates.items() if n.endswith(".bias") or "LayerNorm" in n}
+        others = {n: r for n, r in rates.items() if n not in biases_and_norms}
+        assert len(rates) == len(names) and biases_and_norms and others
+        assert set(others.values()) == {matrices}, others
+        assert set(biases_and_norms.values()) == {no_decay}, biases_and_norms
 
 
 def test_validate_is_announced_and_recorded(assets, tmp_path, capsys):
@@ -421,14 +463,21 @@ def test_attention_left_uncompressed_is_reported(assets, tmp_path, capsys, monke
 
 
 @pytest.mark.parametrize(
-    ("freeze_unit", "revisit_rounds"), [("layers", 0), ("parameters", 0), ("layers", 1), ("parameters", 3)]
+    ("freeze_unit", "revisit_rounds", "rates"),
+    [
+        ("layers", 0, ()),
+        ("parameters", 0, ()),
+        ("layers", 1, ()),
+        ("parameters", 3, ()),
+        ("parameters", 3, ("--slimfit-lr", "1e-3", "--slimfit-no-decay-lr", "2e-4")),
+    ],
 )
-def test_resumed_run_reproduces_the_uninterrupted_one(assets, tmp_path, freeze_unit, revisit_rounds):
+def test_resumed_run_reproduces_the_uninterrupted_one(assets, tmp_path, freeze_unit, revisit_rounds, rates):
     """Checkpoints every 3 steps into --output; a run resumed from step 3 logs the same losses and ends with the
     same metrics as the run that went through."""
     whole = tmp_path / "whole"
     argv = finetune(assets, "--freeze-ratio", "0.5", "--gradient-accumulation-steps", "2", "--batch-size", "4")
-    argv += ["--freeze-unit", freeze_unit, "--revisit-rounds", str(revisit_rounds)]
+    argv += ["--freeze-unit", freeze_unit, "--revisit-rounds", str(revisit_rounds), *rates]
     argv[argv.index("--max-steps") + 1] = "6"
     assert cli.main([*argv, "--save-steps", "3", "--output", str(whole)]) == 0
     assert sorted(p.name for p in whole.iterdir() if p.is_dir()) == ["checkpoint-3", "checkpoint-6", "model"]

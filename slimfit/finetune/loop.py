@@ -37,6 +37,17 @@ class MeteredTrainer(Trainer):
     meter: PeakMemory | None = None
     metering = False
     step_losses: list[float]
+    no_decay_lr: float | None = None  # FinetuneConfig.no_decay_lr: the peak rate of the group without weight decay
+
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if self.no_decay_lr is not None:
+            # The Trainer puts biases and normalisation weights in its group with weight decay 0 (the other has
+            # 0.01); its LR scheduler, built next, warms up and decays each group from the rate set here.
+            for group in optimizer.param_groups:
+                if group["weight_decay"] == 0.0:
+                    group["lr"] = self.no_decay_lr
+        return optimizer
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         if self.meter is None or not (self.metering and model.training and torch.is_grad_enabled()):
@@ -285,6 +296,7 @@ def train(
         processing_class=task.processor,
         callbacks=callbacks,
     )
+    trainer.no_decay_lr = config.no_decay_lr
     recorder.trainer = trainer
     if not task.loss_over_step_tokens:
         # Heads whose loss is a per-batch mean accept **kwargs, so the Trainer would take them for losses that

@@ -75,6 +75,9 @@ class FinetuneConfig:
     lr: float | None = None  # every method but lora; None: DEFAULT_LR, or scheduled_lr() for scheduled ones
     lora_lr: float = 5e-4
     slimfit_lr: float | None = None  # freeze-only and slimfit, overriding lr
+    # freeze-only and slimfit: biases and normalisation weights (the Trainer's parameters without weight decay);
+    # None: method_lr, like every other parameter
+    slimfit_no_decay_lr: float | None = None
     lora_rank: int = 8
     warmup_fraction: float = 0.06
     seed: int = 0
@@ -98,6 +101,12 @@ class FinetuneConfig:
             explicit = self.slimfit_lr if self.slimfit_lr is not None else self.lr
             return scheduled_lr(self.freeze_ratio) if explicit is None else explicit
         return DEFAULT_LR if self.lr is None else self.lr
+
+    @property
+    def no_decay_lr(self) -> float | None:
+        """The peak rate of the parameters without weight decay where it differs from :attr:`method_lr`: the
+        given ``slimfit_no_decay_lr`` for a scheduled method; ``None`` otherwise."""
+        return self.slimfit_no_decay_lr if self.method in SCHEDULED_METHODS else None
 
     @property
     def tokens(self) -> int:
@@ -147,7 +156,7 @@ def check_config(config: FinetuneConfig) -> None:
         raise DataError(f"--revisit-rounds: {config.revisit_rounds} must be at least 0 (0: no bound)")
     if not 0.0 <= config.warmup_fraction < 1.0:
         raise DataError(f"warmup_fraction: {config.warmup_fraction} is outside [0, 1) (a share of the optimizer steps)")
-    for name in ("lr", "lora_lr", "slimfit_lr"):
+    for name in ("lr", "lora_lr", "slimfit_lr", "slimfit_no_decay_lr"):
         value = getattr(config, name)
         if value is not None and not value > 0:  # NaN fails too
             raise DataError(f"--{name.replace('_', '-')}: {value} must be positive")
