@@ -394,6 +394,14 @@ def _add_training_options(parser: argparse.ArgumentParser, with_checkpoints: boo
         "train every layer once at the freeze ratio) trains at the next step, ahead of the score ranking; 0: no "
         "bound, as the original SlimFit (default: %(default)s)",
     )
+    train.add_argument(
+        "--always-train",
+        nargs="+",
+        metavar="MODULE",
+        default=list(default("always_train")),
+        help="freeze-only and slimfit: modules that train at every step, outside the schedule and its budget, "
+        "named as in model.named_modules(), e.g. vit.embeddings (default: the task's new head alone)",
+    )
     if with_checkpoints:
         train.add_argument(
             "--save-steps",

@@ -470,6 +470,7 @@ def test_attention_left_uncompressed_is_reported(assets, tmp_path, capsys, monke
         ("layers", 1, ()),
         ("parameters", 3, ()),
         ("parameters", 3, ("--slimfit-lr", "1e-3", "--slimfit-no-decay-lr", "2e-4")),
+        ("parameters", 3, ("--always-train", "bert.embeddings")),
     ],
 )
 def test_resumed_run_reproduces_the_uninterrupted_one(assets, tmp_path, freeze_unit, revisit_rounds, rates):
@@ -568,3 +569,47 @@ def test_new_head_trains_at_every_step_and_the_rest_is_scheduled(assets, method)
     others = [[trained for i, trained in enumerate(row) if i != head] for row in result.schedule]
     k = round(0.2 * (len(result.layers) - 1))
     assert all(sum(row) == k for row in others) and len({tuple(row) for row in others}) > 1
+
+
+@pytest.mark.parametrize("method", ["slimfit", "freeze-only"])
+def test_always_train_modules_train_at_every_step_outside_the_budget(assets, method):
+    from slimfit import tasks
+    from slimfit.finetune import loop
+
+    config = FinetuneConfig(
+        model=str(assets["model"]),
+        data=str(assets["csv"]),
+        text_column="body",
+        label_column="topic",
+        batch_size=8,
+        max_steps=6,
+        max_length=16,
+        method=method,
+        freeze_ratio=0.8,
+        freeze_unit="layers",  # K scheduled layers per step: countable
+        always_train=("bert.embeddings", "bert.encoder.layer.0.attention.output.LayerNorm"),
+    )
+    config, task = tasks.prepare(config)
+    result = loop.run(config, task, progress=False)
+    always = [
+        i
+        for i, name in enumerate(result.layers)
+        if name.startswith(("bert.embeddings.", "bert.encoder.layer.0.attention.output.LayerNorm."))
+        or name == "classifier.weight"
+    ]
+    assert len(always) == 6  # 3 embedding tables, the embeddings' LayerNorm weight, one more LayerNorm, the head
+    assert all(row[i] for row in result.schedule for i in always)
+    scheduled = [[trained for i, trained in enumerate(row) if i not in always] for row in result.schedule]
+    k = round(0.2 * (len(result.layers) - len(always)))
+    assert all(sum(row) == k for row in scheduled) and len({tuple(row) for row in scheduled}) > 1
+
+
+def test_always_train_names_a_module_of_the_model(assets, tmp_path, capsys):
+    argv = finetune(assets, "--always-train", "bert.embeddings", "bert.nowhere", "--output", str(tmp_path / "o"))
+    expect_cli_error(
+        capsys,
+        argv,
+        "--always-train: 'bert.nowhere' is not a module of BertForSequenceClassification",
+        "'bert'",
+        output=tmp_path / "o",
+    )

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
+from slimfit.data import DataError
 from slimfit.finetune.meter import PeakMemory
 from slimfit.finetune.options import SCHEDULED_METHODS, FinetuneConfig, resolve_device
 from slimfit.finetune.report import RunResult
@@ -176,6 +177,18 @@ class RunRecorder(TrainerCallback):
             self._bar.write(f"epoch {epoch}: " + ", ".join(f"{name} {value:.4f}" for name, value in scores.items()))
 
 
+def _check_modules(option: str, names: tuple[str, ...], model: nn.Module) -> None:
+    """Refuse a module name the model does not have before training starts (one line, naming a real one)."""
+    modules = dict(model.named_modules())
+    unknown = [name for name in names if name not in modules]
+    if unknown:
+        example = next(name for name, _ in model.named_children())
+        raise DataError(
+            f"{option}: {unknown[0]!r} is not a module of {type(model).__name__} (names as in "
+            f"model.named_modules(), e.g. {example!r})"
+        )
+
+
 def is_main_process() -> bool:
     """False on every process but the first of a ``torchrun`` / ``accelerate launch`` job (they do not report).
 
@@ -269,6 +282,8 @@ def train(
     device = resolve_device(config.device)
     set_seed(config.seed)
     model = build_model(task, config)
+    if config.method in SCHEDULED_METHODS:
+        _check_modules("--always-train", config.always_train, model)
     layers = [layer.name for layer in split_parameters(model).layers]
     recorder = RunRecorder(task, layers, device, progress, simulate)
     callbacks: list[TrainerCallback] = []
@@ -281,7 +296,8 @@ def train(
             scoring=config.scoring,
             freeze_unit=config.freeze_unit,
             revisit_rounds=config.revisit_rounds or None,
-            always_train=[name for name, _ in model.named_children() if name in task.new_head],
+            always_train=[name for name, _ in model.named_children() if name in task.new_head]
+            + list(config.always_train),
         )
         callbacks.append(recorder.slimfit_callback)
     callbacks.append(recorder)  # after SlimFit's: it measures the optimizer state after SlimFit moved it

@@ -88,6 +88,9 @@ class FinetuneConfig:
     scoring: str = SCORING[0]  # freeze-only and slimfit: slimfit.scoring.SCORING_MODES
     freeze_unit: str = FREEZE_UNIT[0]  # freeze-only and slimfit: FREEZE_UNIT
     revisit_rounds: int = DEFAULT_REVISIT_ROUNDS  # freeze-only and slimfit; 0: no bound
+    # freeze-only and slimfit: modules (names as in model.named_modules()) that train at every step, outside the
+    # schedule, besides the task's new head
+    always_train: tuple[str, ...] = ()
     memory_budget: int | None = None  # bytes; finetune chooses the settings that fit (slimfit.finetune.budget)
     save_steps: int | None = None  # write a Trainer checkpoint into --output every this many optimizer steps
     resume_from_checkpoint: str | None = None  # a checkpoint folder written with --save-steps
