@@ -22,7 +22,7 @@ import torch
 
 from slimfit import plots
 from slimfit.data import DataError
-from slimfit.finetune.loop import run
+from slimfit.finetune.loop import check_always_train, run
 from slimfit.finetune.options import METHODS, SCHEDULED_METHODS, FinetuneConfig
 from slimfit.finetune.report import RunResult, describe_data, human_bytes
 from slimfit.tasks.base import Task
@@ -70,6 +70,8 @@ def run_bench(
     for ratio in ratios:
         if not 0.0 <= ratio < 1.0:
             raise DataError(f"--freeze-ratios: {ratio} is outside [0, 1)")
+    if any(method in SCHEDULED_METHODS for method in methods):
+        check_always_train(config, task)  # before full fine-tuning runs, not after
     results = []
     for seed in seeds:
         for method in parse_methods(",".join(methods)):

@@ -337,9 +337,9 @@ def _add_training_options(parser: argparse.ArgumentParser, with_checkpoints: boo
     train.add_argument(
         "--slimfit-no-decay-lr",
         type=float,
-        help="learning rate of slimfit's and freeze-only's biases and normalisation weights (the parameters without "
-        "weight decay, which train at every step when --freeze-unit counts parameters), the other parameters "
-        "keeping --slimfit-lr or --lr (default: the same rate as the others)",
+        help="learning rate of slimfit's and freeze-only's parameters that the Trainer exempts from weight decay "
+        "(biases, which train at every step, and normalisation weights, which often do when --freeze-unit counts "
+        "parameters), the other parameters keeping --slimfit-lr or --lr (default: the same rate as the others)",
     )
     train.add_argument(
         "--lora-lr", type=float, default=default("lora_lr"), help="learning rate of lora (default: %(default)s)"
@@ -400,7 +400,8 @@ def _add_training_options(parser: argparse.ArgumentParser, with_checkpoints: boo
         metavar="MODULE",
         default=list(default("always_train")),
         help="freeze-only and slimfit: modules that train at every step, outside the schedule and its budget, "
-        "named as in model.named_modules(), e.g. vit.embeddings (default: the task's new head alone)",
+        "named as in model.named_modules(), e.g. vit.embeddings; the task's new head trains so anyway (default: "
+        "none besides it)",
     )
     if with_checkpoints:
         train.add_argument(

@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 pytest.importorskip("matplotlib")
 
+from checks import expect_cli_error  # noqa: E402
 from tiny_bert import save_tiny_bert, texts, write_csv  # noqa: E402
 
 from slimfit import bench, cli  # noqa: E402
@@ -91,6 +92,21 @@ def test_methods_are_checked_and_full_runs_first():
     assert bench.parse_methods("full,slimfit,slimfit") == ["full", "slimfit"]
     with pytest.raises(DataError, match="unknown adam"):
         bench.parse_methods("adam,slimfit")
+
+
+def test_always_train_is_checked_before_any_run(tmp_path, capsys, monkeypatch):
+    from slimfit.finetune import loop
+
+    trained = []
+    monkeypatch.setattr(loop, "train", lambda config, *args, **kwargs: trained.append(config.method))
+    model = save_tiny_bert(tmp_path / "model")
+    data = write_csv(tmp_path / "d.csv", texts(24))
+    argv = ["bench", "--model", str(model), "--data", str(data), "--text-column", "body", "--label-column", "topic"]
+    argv += ["--methods", "slimfit", "--max-steps", "2", "--quiet", "--output", str(tmp_path / "bench")]
+    argv += ["--always-train", "bert.nowhere"]
+    capsys.readouterr()  # saving the model above printed a progress bar
+    expect_cli_error(capsys, argv, "--always-train: 'bert.nowhere' is not a module", output=tmp_path / "bench")
+    assert trained == []  # full fine-tuning, which bench runs first, did not start either
 
 
 def test_paired_interval_against_hand_computed_t_interval():

@@ -604,12 +604,13 @@ def test_always_train_modules_train_at_every_step_outside_the_budget(assets, met
     assert all(sum(row) == k for row in scheduled) and len({tuple(row) for row in scheduled}) > 1
 
 
-def test_always_train_names_a_module_of_the_model(assets, tmp_path, capsys):
-    argv = finetune(assets, "--always-train", "bert.embeddings", "bert.nowhere", "--output", str(tmp_path / "o"))
+@pytest.mark.parametrize("name", ["bert.nowhere", ""])
+def test_always_train_names_a_module_of_the_model(assets, tmp_path, capsys, name):
+    argv = finetune(assets, "--always-train", "bert.embeddings", name, "--output", str(tmp_path / "o"))
     expect_cli_error(
         capsys,
         argv,
-        "--always-train: 'bert.nowhere' is not a module of BertForSequenceClassification",
+        f"--always-train: {name!r} is not a module of BertForSequenceClassification",
         "'bert'",
         output=tmp_path / "o",
     )

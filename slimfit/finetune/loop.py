@@ -43,11 +43,14 @@ class MeteredTrainer(Trainer):
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(*args, **kwargs)
         if self.no_decay_lr is not None:
-            # The Trainer puts biases and normalisation weights in its group with weight decay 0 (the other has
-            # 0.01); its LR scheduler, built next, warms up and decays each group from the rate set here.
-            for group in optimizer.param_groups:
-                if group["weight_decay"] == 0.0:
-                    group["lr"] = self.no_decay_lr
+            # The Trainer groups the parameters it exempts from weight decay (biases, normalisation weights) apart
+            # from the rest; its LR scheduler, built next, warms up and decays each group from the rate set here.
+            names = set(self.get_decay_parameter_names(self.model))
+            decay = {id(p) for n, p in self.model.named_parameters() if n in names}
+            exempt = [group for group in optimizer.param_groups if not any(id(p) in decay for p in group["params"])]
+            if len(exempt) != 1:
+                raise RuntimeError(f"expected one optimizer group without weight decay, found {len(exempt)}")
+            exempt[0]["lr"] = self.no_decay_lr
         return optimizer
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
@@ -177,14 +180,18 @@ class RunRecorder(TrainerCallback):
             self._bar.write(f"epoch {epoch}: " + ", ".join(f"{name} {value:.4f}" for name, value in scores.items()))
 
 
-def _check_modules(option: str, names: tuple[str, ...], model: nn.Module) -> None:
-    """Refuse a module name the model does not have before training starts (one line, naming a real one)."""
+def check_always_train(config: FinetuneConfig, task: Task, model: nn.Module | None = None) -> None:
+    """Refuse ``--always-train`` names that are not modules of the task's model (built here unless given), before
+    anything trains: one line naming the option, the name and a real module."""
+    if not config.always_train:
+        return
+    model = build_model(task, config) if model is None else model
     modules = dict(model.named_modules())
-    unknown = [name for name in names if name not in modules]
+    unknown = [name for name in config.always_train if not name or name not in modules]  # "" is the model itself
     if unknown:
         example = next(name for name, _ in model.named_children())
         raise DataError(
-            f"{option}: {unknown[0]!r} is not a module of {type(model).__name__} (names as in "
+            f"--always-train: {unknown[0]!r} is not a module of {type(model).__name__} (names as in "
             f"model.named_modules(), e.g. {example!r})"
         )
 
@@ -283,7 +290,7 @@ def train(
     set_seed(config.seed)
     model = build_model(task, config)
     if config.method in SCHEDULED_METHODS:
-        _check_modules("--always-train", config.always_train, model)
+        check_always_train(config, task, model)
     layers = [layer.name for layer in split_parameters(model).layers]
     recorder = RunRecorder(task, layers, device, progress, simulate)
     callbacks: list[TrainerCallback] = []

@@ -6,6 +6,7 @@ Nothing here imports transformers, so building the parser stays fast.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -90,7 +91,7 @@ class FinetuneConfig:
     revisit_rounds: int = DEFAULT_REVISIT_ROUNDS  # freeze-only and slimfit; 0: no bound
     # freeze-only and slimfit: modules (names as in model.named_modules()) that train at every step, outside the
     # schedule, besides the task's new head
-    always_train: tuple[str, ...] = ()
+    always_train: Sequence[str] = ()
     memory_budget: int | None = None  # bytes; finetune chooses the settings that fit (slimfit.finetune.budget)
     save_steps: int | None = None  # write a Trainer checkpoint into --output every this many optimizer steps
     resume_from_checkpoint: str | None = None  # a checkpoint folder written with --save-steps
