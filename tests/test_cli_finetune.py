@@ -546,33 +546,17 @@ def test_logged_loss_is_the_steps_loss_with_gradient_accumulation(assets, tmp_pa
 
 
 @pytest.mark.parametrize("method", ["slimfit", "freeze-only"])
-def test_new_head_trains_at_every_step_and_the_rest_is_scheduled(assets, method):
-    from slimfit import tasks
-    from slimfit.finetune import loop
-
-    config = FinetuneConfig(
-        model=str(assets["model"]),
-        data=str(assets["csv"]),
-        text_column="body",
-        label_column="topic",
-        batch_size=8,
-        max_steps=6,
-        max_length=16,
-        method=method,
-        freeze_ratio=0.8,
-        freeze_unit="layers",  # K layers besides the head: countable
-    )
-    config, task = tasks.prepare(config)
-    result = loop.run(config, task, progress=False)
-    head = result.layers.index("classifier.weight")
-    assert all(row[head] for row in result.schedule)
-    others = [[trained for i, trained in enumerate(row) if i != head] for row in result.schedule]
-    k = round(0.2 * (len(result.layers) - 1))
-    assert all(sum(row) == k for row in others) and len({tuple(row) for row in others}) > 1
-
-
-@pytest.mark.parametrize("method", ["slimfit", "freeze-only"])
-def test_always_train_modules_train_at_every_step_outside_the_budget(assets, method):
+@pytest.mark.parametrize(
+    ("modules", "always_trained"),
+    [
+        ((), 1),  # the new head alone
+        # 3 embedding tables, the embeddings' LayerNorm weight, one more LayerNorm weight and the head
+        (("bert.embeddings", "bert.encoder.layer.0.attention.output.LayerNorm"), 6),
+    ],
+)
+def test_head_and_always_train_modules_train_at_every_step_the_rest_is_scheduled(
+    assets, method, modules, always_trained
+):
     from slimfit import tasks
     from slimfit.finetune import loop
 
@@ -587,17 +571,13 @@ def test_always_train_modules_train_at_every_step_outside_the_budget(assets, met
         method=method,
         freeze_ratio=0.8,
         freeze_unit="layers",  # K scheduled layers per step: countable
-        always_train=("bert.embeddings", "bert.encoder.layer.0.attention.output.LayerNorm"),
+        always_train=modules,
     )
     config, task = tasks.prepare(config)
     result = loop.run(config, task, progress=False)
-    always = [
-        i
-        for i, name in enumerate(result.layers)
-        if name.startswith(("bert.embeddings.", "bert.encoder.layer.0.attention.output.LayerNorm."))
-        or name == "classifier.weight"
-    ]
-    assert len(always) == 6  # 3 embedding tables, the embeddings' LayerNorm weight, one more LayerNorm, the head
+    prefixes = tuple(f"{name}." for name in modules)
+    always = [i for i, name in enumerate(result.layers) if name.startswith(prefixes) or name == "classifier.weight"]
+    assert len(always) == always_trained
     assert all(row[i] for row in result.schedule for i in always)
     scheduled = [[trained for i, trained in enumerate(row) if i not in always] for row in result.schedule]
     k = round(0.2 * (len(result.layers) - len(always)))
