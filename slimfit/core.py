@@ -565,14 +565,20 @@ def _differentiable_scalar(output: Any) -> torch.Tensor | None:
     return None
 
 
+def unknown_modules(model: nn.Module, modules: Sequence[str]) -> list[str]:
+    """The names in ``modules`` that name no submodule of ``model`` (the empty name, the model itself, included)."""
+    found = dict(model.named_modules())
+    return [name for name in modules if name not in found or not name]
+
+
 def _always_trained(model: nn.Module, modules: Sequence[str]) -> set[str]:
     """Names of the parameters of ``modules`` (module names of ``model``); an unknown name is a ValueError."""
     if isinstance(modules, str):
         raise ValueError(f"always_train must be a sequence of module names, got the string {modules!r}")
-    found = dict(model.named_modules())
-    unknown = [name for name in modules if name not in found or not name]
+    unknown = unknown_modules(model, modules)
     if unknown:
         raise ValueError(f"always_train: {unknown[0]!r} is not a module of {type(model).__name__}")
+    found = dict(model.named_modules())
     return {f"{name}.{p}" for name in modules for p, _ in found[name].named_parameters()}
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
+from slimfit.core import unknown_modules
 from slimfit.data import DataError
 from slimfit.finetune.meter import PeakMemory
 from slimfit.finetune.options import SCHEDULED_METHODS, FinetuneConfig, resolve_device
@@ -186,8 +187,7 @@ def check_always_train(config: FinetuneConfig, task: Task, model: nn.Module | No
     if not config.always_train:
         return
     model = build_model(task, config) if model is None else model
-    modules = dict(model.named_modules())
-    unknown = [name for name in config.always_train if not name or name not in modules]  # "" is the model itself
+    unknown = unknown_modules(model, config.always_train)
     if unknown:
         example = next(name for name, _ in model.named_children())
         raise DataError(
