@@ -28,7 +28,12 @@ from slimfit.memory import DecodeMeter, SavedTensorMeter
 from slimfit.models import PatchHandle, patch
 from slimfit.optim_state import OPTIMIZER_STATE_POLICIES, OptimizerStateManager
 from slimfit.policy import DEFAULT_POLICY, CompressionPolicy
-from slimfit.scheduler import DEFAULT_FREEZE_RATIO, DEFAULT_REVISIT_ROUNDS, FREEZE_UNITS, InterLayerScheduler
+from slimfit.scheduler import (
+    DEFAULT_FREEZE_RATIO,
+    DEFAULT_REVISIT_ROUNDS,
+    FREEZE_UNITS,
+    InterLayerScheduler,
+)
 from slimfit.scoring import SCORING_MODES, UpdateScorer, as_number
 
 METRICS = tuple(ops.NORM_EPS)
@@ -109,6 +114,14 @@ class SlimFit:
             frozen first, within the budget). A frozen layer keeps the score of its last visit while the rest of
             the model moves; the bound re-measures it. ``3`` (default) was chosen on a validation split of BBC News
             (see README); ``None``: no bound, as the original SlimFit. The freeze ratio is unchanged.
+        small_layer_share: with ``freeze_unit="parameters"``, every scheduled layer holding at most this share of
+            the largest scheduled layer's elements (a float in ``(0, 1]``) trains at every step, its elements taken
+            from the budget (smallest first, while the rest of the budget still holds the largest layer); the
+            others are packed by score. Packed by score too, such layers train only when the large layers ranked
+            above them leave room, which can starve them (:mod:`slimfit.scheduler`). ``None`` (default): every
+            layer packed by score. ``0.125`` (on BERT and ViT: normalisation weights, small embeddings and heads,
+            not attention matrices) gained on a ViT at 0.9 and lost on a text regression task (see README): choose
+            it per task on a validation split.
 
     Under ``torch.distributed`` (world size > 1) every rank of ``process_group`` must construct SlimFit and call
     :meth:`step` together: the group's first rank's seed and scores decide, so all ranks train the same layers
@@ -142,6 +155,7 @@ class SlimFit:
         always_train: Sequence[str] = (),
         freeze_unit: str = FREEZE_UNITS[0],
         revisit_rounds: int | None = DEFAULT_REVISIT_ROUNDS,
+        small_layer_share: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -159,6 +173,12 @@ class SlimFit:
             not isinstance(revisit_rounds, int) or isinstance(revisit_rounds, bool) or revisit_rounds < 1
         ):
             raise ValueError(f"revisit_rounds must be a positive int or None, got {revisit_rounds!r}")
+        if small_layer_share is not None and (
+            not isinstance(small_layer_share, float | int)
+            or isinstance(small_layer_share, bool)
+            or not 0 < small_layer_share <= 1
+        ):
+            raise ValueError(f"small_layer_share must be a number in (0, 1] or None, got {small_layer_share!r}")
         if not isinstance(train_biases, bool):
             raise ValueError(f"train_biases must be a bool, got {train_biases!r}")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
@@ -241,7 +261,10 @@ class SlimFit:
         round_steps = math.ceil((len(self.layers) if costs is None else sum(costs)) / self.num_trainable)
         self.revisit_rounds = revisit_rounds
         max_frozen_steps = None if revisit_rounds is None else revisit_rounds * round_steps
-        self.scheduler = InterLayerScheduler(len(self.layers), self.num_trainable, generator, costs, max_frozen_steps)
+        self.small_layer_share = small_layer_share
+        self.scheduler = InterLayerScheduler(
+            len(self.layers), self.num_trainable, generator, costs, max_frozen_steps, small_layer_share
+        )
         params = [layer.param for layer in self.layers]
         self._scorer = UpdateScorer(params, metric, scoring, seed, optimizer)  # checks scoring
         self._state = OptimizerStateManager(optimizer, optimizer_state)
@@ -375,6 +398,7 @@ class SlimFit:
             "freeze_ratio": self.freeze_ratio,
             "freeze_unit": self.freeze_unit,
             "revisit_rounds": self.revisit_rounds,
+            "small_layer_share": self.small_layer_share,
             "metric": self.metric,
             "scheduler": self.scheduler.state_dict(),
             "scoring_seed": self._scorer.seed,
@@ -397,6 +421,11 @@ class SlimFit:
         if saved_rounds != self.revisit_rounds:
             raise ValueError(
                 f"state was saved with revisit_rounds={saved_rounds!r}, this SlimFit has {self.revisit_rounds!r}"
+            )
+        saved_share = state.get("small_layer_share")  # states from before the rule existed packed every layer
+        if saved_share != self.small_layer_share:
+            raise ValueError(
+                f"state was saved with small_layer_share={saved_share!r}, this SlimFit has {self.small_layer_share!r}"
             )
         names = list(state["layer_names"])
         if names != self.layer_names:
@@ -538,6 +567,7 @@ class SlimFit:
         return (
             f"SlimFit(layers={len(self.layers)}, freeze_unit={self.freeze_unit!r}, trainable={self.num_trainable}, "
             f"freeze_ratio={self.freeze_ratio}, revisit_rounds={self.revisit_rounds}, "
+            f"small_layer_share={self.small_layer_share}, "
             f"metric={self.metric!r}, scoring={self._scorer.mode!r}, optimizer_state={self._state.policy!r}, "
             f"step={self.scheduler.step_count})"
         )

@@ -5,6 +5,11 @@ Pure bookkeeping over layer indices ``0 .. N-1``; it knows nothing about models 
 * Every step the chosen layers' costs add up to at most a budget. With unit costs (the default) the budget is a
   layer count ``K`` and exactly ``K`` layers train; with ``costs`` (e.g. parameter counts) the ranked layers are
   taken in order while they fit, skipping one that does not (a smaller one further down may still fit).
+* With costs, a layer holding at most ``small_share`` of the largest layer's cost trains at every step, paid from
+  the budget (smallest first, while what is left still holds the largest layer). Packed by score, such a layer
+  trains only when the large layers ranked above it happen to leave room for it: on a ViT at freeze ratio 0.9, one
+  feed-forward and three attention matrices left 9,619 of a 267,667-element budget, the position embeddings
+  (9,600) and LayerNorm weights lost that room to the patch projection, and trained only at revisits.
 * A layer that has never been scored is *pending*. Pending layers are chosen before scored ones, in a
   random order drawn once at construction (the *warm-up order*), so the first ``ceil(N / K)`` steps are a
   random round-robin in which every layer trains at least once. This replaces the original SlimFit trick
@@ -49,6 +54,8 @@ class InterLayerScheduler:
         max_frozen_steps: how many steps in a row a scored layer may stay frozen before it is chosen ahead of the
             ranking (a positive int), or ``None`` for no bound. Due layers that do not fit the budget wait for the
             next step, longest frozen first.
+        small_share: with ``costs``, a layer whose cost is at most this share of the largest cost (a float in
+            ``(0, 1]``) trains at every step, taking its cost from the budget; ``None``: packed by score like the rest.
     """
 
     def __init__(
@@ -58,6 +65,7 @@ class InterLayerScheduler:
         generator: torch.Generator | None = None,
         costs: Sequence[int] | None = None,
         max_frozen_steps: int | None = None,
+        small_share: float | None = None,
     ) -> None:
         if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
             raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
@@ -78,10 +86,16 @@ class InterLayerScheduler:
             not isinstance(max_frozen_steps, int) or isinstance(max_frozen_steps, bool) or max_frozen_steps < 1
         ):
             raise ValueError(f"max_frozen_steps must be a positive int or None, got {max_frozen_steps!r}")
+        if small_share is not None and (
+            not isinstance(small_share, float | int) or isinstance(small_share, bool) or not 0 < small_share <= 1
+        ):
+            raise ValueError(f"small_share must be a number in (0, 1] or None, got {small_share!r}")
         self.num_layers = num_layers
         self.num_trainable = num_trainable
         self.costs = costs
         self.max_frozen_steps = max_frozen_steps
+        self.small_share = None if small_share is None else float(small_share)
+        self.every_step = self._every_step()
         self.scores = torch.zeros(num_layers, dtype=torch.float32)
         self.scored = torch.zeros(num_layers, dtype=torch.bool)
         # The step at which each layer last trained (was scored); -1: never.
@@ -120,6 +134,20 @@ class InterLayerScheduler:
         self._trainable = self._select()
         return idx[~finite].tolist()
 
+    def _every_step(self) -> list[int]:
+        """The small layers that train at every step: smallest first, while the rest still holds the largest."""
+        if self.costs is None or self.small_share is None:
+            return []
+        largest = max(self.costs)
+        room = self.num_trainable - largest
+        chosen = []
+        for i in sorted(range(self.num_layers), key=lambda i: (self.costs[i], i)):
+            if self.costs[i] > min(room, self.small_share * largest):
+                break
+            chosen.append(i)
+            room -= self.costs[i]
+        return sorted(chosen)
+
     def _select(self) -> list[int]:
         scored = self.scored.tolist()
         scores = self.scores.tolist()
@@ -139,8 +167,9 @@ class InterLayerScheduler:
         order = pending + due + ranked
         if self.costs is None:
             return sorted(order[: self.num_trainable])
+        small = set(self.every_step)
         chosen, left = [], self.num_trainable
-        for i in order:
+        for i in self.every_step + [i for i in order if i not in small]:
             if self.costs[i] <= left:
                 chosen.append(i)
                 left -= self.costs[i]
@@ -157,6 +186,7 @@ class InterLayerScheduler:
             "num_trainable": self.num_trainable,
             "costs": self.costs,
             "max_frozen_steps": self.max_frozen_steps,
+            "small_share": self.small_share,
             "scores": self.scores.tolist(),
             "scored": self.scored.tolist(),
             "last_trained": self.last_trained.tolist(),
@@ -167,7 +197,7 @@ class InterLayerScheduler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; the layer count and ``K`` must match this scheduler."""
-        for key in ("num_layers", "num_trainable", "costs", "max_frozen_steps"):
+        for key in ("num_layers", "num_trainable", "costs", "max_frozen_steps", "small_share"):
             if state.get(key) != getattr(self, key):
                 raise ValueError(
                     f"scheduler state has {key}={state.get(key)!r}, this scheduler has {getattr(self, key)}"

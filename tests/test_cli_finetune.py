@@ -145,6 +145,13 @@ def test_revisit_rounds_must_not_be_negative(assets, tmp_path, capsys):
     expect_cli_error(capsys, argv, "--revisit-rounds: -1 must be at least 0 (0: no bound)", output=tmp_path / "o")
 
 
+@pytest.mark.parametrize("value", ["-0.1", "1.5", "nan"])
+def test_small_layer_share_must_lie_in_0_1(assets, tmp_path, capsys, value):
+    argv = finetune(assets, "--small-layer-share", value, "--output", str(tmp_path / "o"))
+    message = f"--small-layer-share: {float(value)} is outside [0, 1] (0: every layer by score)"
+    expect_cli_error(capsys, argv, message, output=tmp_path / "o")
+
+
 @pytest.mark.parametrize("option", ["--lr", "--slimfit-lr", "--lora-lr", "--slimfit-no-decay-lr"])
 @pytest.mark.parametrize("value", ["0", "-0.001", "nan"])
 def test_learning_rates_must_be_positive(assets, tmp_path, capsys, option, value):
@@ -471,6 +478,7 @@ def test_attention_left_uncompressed_is_reported(assets, tmp_path, capsys, monke
         ("parameters", 3, ()),
         ("parameters", 3, ("--slimfit-lr", "1e-3", "--slimfit-no-decay-lr", "2e-4")),
         ("parameters", 3, ("--always-train", "bert.embeddings")),
+        ("parameters", 3, ("--small-layer-share", "0.125")),
     ],
 )
 def test_resumed_run_reproduces_the_uninterrupted_one(assets, tmp_path, freeze_unit, revisit_rounds, rates):
@@ -582,6 +590,39 @@ def test_head_and_always_train_modules_train_at_every_step_the_rest_is_scheduled
     scheduled = [[trained for i, trained in enumerate(row) if i not in always] for row in result.schedule]
     k = round(0.2 * (len(result.layers) - len(always)))
     assert all(sum(row) == k for row in scheduled) and len({tuple(row) for row in scheduled}) > 1
+
+
+def test_small_layers_train_at_every_step_with_a_share_and_are_packed_by_score_without(assets):
+    from safetensors.torch import load_file
+
+    from slimfit import tasks
+    from slimfit.finetune import loop
+
+    def schedule(share):
+        config = FinetuneConfig(
+            model=str(assets["model"]),
+            data=str(assets["csv"]),
+            text_column="body",
+            label_column="topic",
+            batch_size=8,
+            max_steps=8,
+            max_length=16,
+            freeze_ratio=0.8,
+            small_layer_share=share,
+        )
+        config, task = tasks.prepare(config)
+        result = loop.run(config, task, progress=False)
+        return result.layers, result.schedule
+
+    layers, shared = schedule(0.125)
+    sizes = {name: p.numel() for name, p in load_file(assets["model"] / "model.safetensors").items()}
+    scheduled = [name for name in layers if name in sizes and name != "classifier.weight"]
+    budget = 0.2 * sum(sizes[name] for name in scheduled)
+    largest = max(sizes[name] for name in scheduled if sizes[name] <= budget)
+    small = [layers.index(name) for name in scheduled if sizes[name] <= largest / 8]
+    assert small and all(row[i] for row in shared for i in small)
+    names, packed = schedule(FinetuneConfig.small_layer_share)  # the default
+    assert names == layers and any(not row[i] for row in packed for i in small)
 
 
 @pytest.mark.parametrize("name", ["bert.nowhere", ""])

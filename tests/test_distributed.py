@@ -174,13 +174,18 @@ def test_fsdp_is_refused_with_a_clear_error(tmp_path, version, named):
 
 
 def train_slimfit(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int | None = 5, **kwargs: Any
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    seed: int | None = 5,
+    freeze_ratio: float = 0.4,
+    **kwargs: Any,
 ) -> list[list[str]]:
     """SlimFit's README loop with plain SGD; returns the trainable set of every step."""
     import slimfit
 
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sf = slimfit.SlimFit(model, opt, freeze_ratio=0.4, compression=None, seed=seed, **kwargs)
+    sf = slimfit.SlimFit(model, opt, freeze_ratio=freeze_ratio, compression=None, seed=seed, **kwargs)
     sets = []
     for step in range(STEPS):
         sets.append(sf.trainable_layers())
@@ -205,10 +210,17 @@ def slimfit_ddp_worker(rank: int, port: int, out: str, options: dict[str, Any]) 
 
 
 # By parameters (the default): the three Linears hold 128, 256 and 48 elements, a budget of 259 takes 256 alone or
-# 128 + 48.
+# 128 + 48 (no layer is 1/8 of the largest). At 0.2 with a small-layer share of 1/4, the budget of 346 keeps 48 at
+# every step and adds 256 or 128.
 @pytest.mark.parametrize(
     "options",
-    [{"revisit_rounds": None}, {}, {"revisit_rounds": 1}, {"freeze_unit": "layers"}],
+    [
+        {"revisit_rounds": None},
+        {},
+        {"revisit_rounds": 1},
+        {"freeze_unit": "layers"},
+        {"freeze_ratio": 0.2, "small_layer_share": 0.25},
+    ],
 )
 def test_slimfit_under_ddp_matches_one_process_with_the_global_batch(tmp_path, options):
     out = str(tmp_path / "slimfit")
@@ -219,6 +231,10 @@ def test_slimfit_under_ddp_matches_one_process_with_the_global_batch(tmp_path, o
     sets = train_slimfit(single, x, y, **options)
     assert ranks[0]["sets"] == ranks[1]["sets"] == sets
     assert len({tuple(s) for s in sets}) > 1
+    if "small_layer_share" in options:  # the small layer trains at every step; packed by score it does not
+        assert all("3.weight" in s for s in sets)
+    elif not options:
+        assert not all("3.weight" in s for s in sets)
     for name, p in single.named_parameters():
         torch.testing.assert_close(ranks[0]["weights"][name], ranks[1]["weights"][name], rtol=0, atol=0)
         torch.testing.assert_close(ranks[0]["weights"][name], p.detach(), rtol=1e-5, atol=1e-6)

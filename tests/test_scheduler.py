@@ -396,7 +396,11 @@ def test_freeze_unit_parameters_bounds_trained_elements_and_leaves_too_large_lay
 
 @pytest.mark.parametrize(
     ("options", "named"),
-    [({"freeze_unit": "layers"}, "freeze_unit='layers'"), ({"revisit_rounds": 1}, "revisit_rounds=1")],
+    [
+        ({"freeze_unit": "layers"}, "freeze_unit='layers'"),
+        ({"revisit_rounds": 1}, "revisit_rounds=1"),
+        ({"small_layer_share": 0.125}, "small_layer_share=0.125"),
+    ],
 )
 def test_schedule_options_are_deterministic_and_resume_exactly(options, named):
     def fresh(**kwargs):
@@ -492,5 +496,96 @@ def test_state_from_before_revisit_rounds_loads_only_without_a_bound():
     with pytest.raises(ValueError, match="state was saved with revisit_rounds=None, this SlimFit has 3"):
         new().load_state_dict(state)
     fresh = new(revisit_rounds=None)
+    fresh.load_state_dict(state)
+    assert fresh.trainable_layers() == old.trainable_layers()
+
+
+# ------------------------------------------------------------------------------------------------- small layers
+
+
+def test_small_layers_train_at_every_step_paid_from_the_budget():
+    # Largest 40; at a share of 1/8 (5 elements) layers 1 (2), 4 (3) and 5 (5) are small; they take 10 of the budget
+    # of 60, leaving 50 for the largest. Packed by score, the large layers would fill the budget without them.
+    costs = [40, 2, 20, 20, 3, 5, 10]
+    sched = InterLayerScheduler(7, 60, torch.Generator().manual_seed(0), costs=costs, small_share=0.125)
+    assert sched.every_step == [1, 4, 5]
+    plain = InterLayerScheduler(7, 60, torch.Generator().manual_seed(0), costs=costs)
+    assert plain.every_step == []
+    scores = torch.tensor([7.0, 1.0, 6.0, 5.0, 2.0, 0.5, 4.0])
+    for s in (sched, plain):
+        while not bool(s.scored.all()):
+            assert set(sched.every_step) <= set(sched.trainable)
+            s.step(s.trainable, scores[s.trainable])
+    # Ranked 0 (40), 2 (20), 3, 6, 4, 1, 5: without the rule 0 and 2 fill the budget; with it 0 fits beside the
+    # small layers and 6 (10) takes the rest.
+    assert plain.trainable == [0, 2]
+    assert sched.trainable == [0, 1, 4, 5, 6]
+    sched.step(sched.trainable, torch.tensor([0.1, 0.1, 0.1, 0.1, 9.0]))  # the small layers' scores do not matter
+    assert set(sched.every_step) <= set(sched.trainable)
+    assert sum(costs[i] for i in sched.trainable) <= 60
+
+
+def test_small_layers_are_taken_smallest_first_while_the_largest_still_fits():
+    # Share 1/2 of 40 makes 2, 3, 5, 10, 20 small, but the budget of 50 keeps room for 40 with only 2 + 3 + 5.
+    sched = InterLayerScheduler(6, 50, costs=[40, 20, 10, 5, 3, 2], small_share=0.5)
+    assert sched.every_step == [3, 4, 5]
+    # A budget that holds only the largest layer leaves no room for any.
+    assert InterLayerScheduler(3, 40, costs=[40, 1, 1], small_share=1.0).every_step == []
+    # Unit costs: every layer is the same size, nothing is small.
+    assert InterLayerScheduler(4, 2, small_share=1.0).every_step == []
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_small_layer_sets_fit_are_maximal_and_the_warmup_visits_everything(data):
+    n = data.draw(st.integers(1, 30))
+    costs = data.draw(st.lists(st.integers(1, 50), min_size=n, max_size=n))
+    budget = data.draw(st.integers(max(costs), sum(costs)))
+    share = data.draw(st.floats(0.01, 1.0))
+    sched = InterLayerScheduler(
+        n, budget, torch.Generator().manual_seed(data.draw(st.integers(0, 2**31))), costs, small_share=share
+    )
+    small = sched.every_step
+    assert all(costs[i] <= share * max(costs) for i in small)
+    assert sum(costs[i] for i in small) + max(costs) <= budget
+    seen: set[int] = set()
+    for _ in range(n):
+        chosen = sched.trainable
+        taken = sum(costs[i] for i in chosen)
+        assert set(small) <= set(chosen) and taken <= budget
+        assert all(costs[i] > budget - taken for i in range(n) if i not in chosen)
+        seen |= set(chosen)
+        sched.step(chosen, torch.rand(len(chosen)) + 0.1)
+    assert seen == set(range(n))
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -0.5, 1.5, float("nan"), True, "0.1"])
+def test_bad_small_share_raises(bad):
+    with pytest.raises(ValueError, match="small_share must be a number in"):
+        InterLayerScheduler(2, 2, costs=[1, 2], small_share=bad)
+    model = _embedding_model()
+    with pytest.raises(ValueError, match="small_layer_share must be a number in"):
+        SlimFit(model, torch.optim.SGD(model.parameters(), lr=0.1), small_layer_share=bad, compression=None)
+
+
+def test_state_from_before_small_layer_share_loads_only_without_it():
+    model = _embedding_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        old = SlimFit(model, opt, freeze_ratio=0.8, compression=None, seed=1)
+    _train_sets(model, opt, old, 4)
+    state = old.state_dict()
+    del state["small_layer_share"], state["scheduler"]["small_share"]
+
+    def new(**kwargs):
+        other = _embedding_model()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return SlimFit(other, torch.optim.AdamW(other.parameters()), freeze_ratio=0.8, compression=None, **kwargs)
+
+    with pytest.raises(ValueError, match="state was saved with small_layer_share=None, this SlimFit has 0.125"):
+        new(small_layer_share=0.125).load_state_dict(state)
+    fresh = new()
     fresh.load_state_dict(state)
     assert fresh.trainable_layers() == old.trainable_layers()

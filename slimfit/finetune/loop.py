@@ -303,6 +303,7 @@ def train(
             scoring=config.scoring,
             freeze_unit=config.freeze_unit,
             revisit_rounds=config.revisit_rounds or None,
+            small_layer_share=config.small_layer_share or None,
             always_train=[name for name, _ in model.named_children() if name in task.new_head]
             + list(config.always_train),
         )

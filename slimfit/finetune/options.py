@@ -89,6 +89,7 @@ class FinetuneConfig:
     scoring: str = SCORING[0]  # freeze-only and slimfit: slimfit.scoring.SCORING_MODES
     freeze_unit: str = FREEZE_UNIT[0]  # freeze-only and slimfit: FREEZE_UNIT
     revisit_rounds: int = DEFAULT_REVISIT_ROUNDS  # freeze-only and slimfit; 0: no bound
+    small_layer_share: float = 0.0  # freeze-only and slimfit, counting parameters; 0: every layer by score
     # freeze-only and slimfit: modules (names as in model.named_modules()) that train at every step, outside the
     # schedule, besides the task's new head
     always_train: Sequence[str] = ()
@@ -158,6 +159,8 @@ def check_config(config: FinetuneConfig) -> None:
             raise DataError(f"--{name.replace('_', '-')}: {value} must be at least 1")
     if config.revisit_rounds < 0:
         raise DataError(f"--revisit-rounds: {config.revisit_rounds} must be at least 0 (0: no bound)")
+    if not 0.0 <= config.small_layer_share <= 1.0:  # NaN fails too
+        raise DataError(f"--small-layer-share: {config.small_layer_share} is outside [0, 1] (0: every layer by score)")
     if not 0.0 <= config.warmup_fraction < 1.0:
         raise DataError(f"warmup_fraction: {config.warmup_fraction} is outside [0, 1) (a share of the optimizer steps)")
     for name in ("lr", "lora_lr", "slimfit_lr", "slimfit_no_decay_lr"):

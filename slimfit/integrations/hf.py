@@ -26,7 +26,7 @@ class SlimFitCallback(TrainerCallback, ExportableState):
         freeze_ratio: fraction of layers frozen at each step, in ``[0, 1)``.
         **slimfit_kwargs: further arguments of :class:`slimfit.SlimFit` (``metric``, ``optimizer_state``,
             ``compression``, ``train_biases``, ``seed``, ``scoring``, ``always_train``, ``freeze_unit``,
-            ``revisit_rounds``).
+            ``revisit_rounds``, ``small_layer_share``).
 
     Attributes:
         slimfit: the :class:`slimfit.SlimFit` in use while training runs (None before and after).
