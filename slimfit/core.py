@@ -31,6 +31,7 @@ from slimfit.policy import DEFAULT_POLICY, CompressionPolicy
 from slimfit.scheduler import (
     DEFAULT_FREEZE_RATIO,
     DEFAULT_REVISIT_ROUNDS,
+    DEFAULT_SMALL_SHARE,
     FREEZE_UNITS,
     InterLayerScheduler,
 )
@@ -118,10 +119,9 @@ class SlimFit:
             the largest scheduled layer's elements (a float in ``(0, 1]``) trains at every step, its elements taken
             from the budget (smallest first, while the rest of the budget still holds the largest layer); the
             others are packed by score. Packed by score too, such layers train only when the large layers ranked
-            above them leave room, which can starve them (:mod:`slimfit.scheduler`). ``None`` (default): every
-            layer packed by score. ``0.125`` (on BERT and ViT: normalisation weights, small embeddings and heads,
-            not attention matrices) gained on a ViT at 0.9 and lost on a text regression task (see README): choose
-            it per task on a validation split.
+            above them leave room, which can starve them (:mod:`slimfit.scheduler`). ``0.125`` (default; on BERT
+            and ViT: normalisation weights, small embeddings and heads, not attention matrices) was chosen on
+            validation splits (see README); ``None``: every layer packed by score.
 
     Under ``torch.distributed`` (world size > 1) every rank of ``process_group`` must construct SlimFit and call
     :meth:`step` together: the group's first rank's seed and scores decide, so all ranks train the same layers
@@ -155,7 +155,7 @@ class SlimFit:
         always_train: Sequence[str] = (),
         freeze_unit: str = FREEZE_UNITS[0],
         revisit_rounds: int | None = DEFAULT_REVISIT_ROUNDS,
-        small_layer_share: float | None = None,
+        small_layer_share: float | None = DEFAULT_SMALL_SHARE,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -40,6 +40,8 @@ DEFAULT_FREEZE_RATIO = 0.9
 """Share of the schedulable layers (or their elements) frozen at each step, unless the caller says otherwise."""
 DEFAULT_REVISIT_ROUNDS = 3
 """slimfit.SlimFit's ``revisit_rounds``: a layer frozen this many rounds of the schedule trains next."""
+DEFAULT_SMALL_SHARE = 0.125
+"""slimfit.SlimFit's ``small_layer_share``: layers at most this share of the largest one train at every step."""
 
 
 class InterLayerScheduler:

@@ -478,7 +478,7 @@ def test_attention_left_uncompressed_is_reported(assets, tmp_path, capsys, monke
         ("parameters", 3, ()),
         ("parameters", 3, ("--slimfit-lr", "1e-3", "--slimfit-no-decay-lr", "2e-4")),
         ("parameters", 3, ("--always-train", "bert.embeddings")),
-        ("parameters", 3, ("--small-layer-share", "0.125")),
+        ("parameters", 3, ("--small-layer-share", "0")),
     ],
 )
 def test_resumed_run_reproduces_the_uninterrupted_one(assets, tmp_path, freeze_unit, revisit_rounds, rates):
@@ -592,7 +592,7 @@ def test_head_and_always_train_modules_train_at_every_step_the_rest_is_scheduled
     assert all(sum(row) == k for row in scheduled) and len({tuple(row) for row in scheduled}) > 1
 
 
-def test_small_layers_train_at_every_step_with_a_share_and_are_packed_by_score_without(assets):
+def test_small_layers_train_at_every_step_unless_the_share_is_0(assets):
     from safetensors.torch import load_file
 
     from slimfit import tasks
@@ -614,14 +614,14 @@ def test_small_layers_train_at_every_step_with_a_share_and_are_packed_by_score_w
         result = loop.run(config, task, progress=False)
         return result.layers, result.schedule
 
-    layers, shared = schedule(0.125)
+    layers, shared = schedule(FinetuneConfig.small_layer_share)  # the default, 1/8
     sizes = {name: p.numel() for name, p in load_file(assets["model"] / "model.safetensors").items()}
     scheduled = [name for name in layers if name in sizes and name != "classifier.weight"]
     budget = 0.2 * sum(sizes[name] for name in scheduled)
     largest = max(sizes[name] for name in scheduled if sizes[name] <= budget)
     small = [layers.index(name) for name in scheduled if sizes[name] <= largest / 8]
     assert small and all(row[i] for row in shared for i in small)
-    names, packed = schedule(FinetuneConfig.small_layer_share)  # the default
+    names, packed = schedule(0.0)
     assert names == layers and any(not row[i] for row in packed for i in small)
 
 

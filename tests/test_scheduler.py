@@ -399,7 +399,7 @@ def test_freeze_unit_parameters_bounds_trained_elements_and_leaves_too_large_lay
     [
         ({"freeze_unit": "layers"}, "freeze_unit='layers'"),
         ({"revisit_rounds": 1}, "revisit_rounds=1"),
-        ({"small_layer_share": 0.125}, "small_layer_share=0.125"),
+        ({"small_layer_share": None}, "small_layer_share=None"),
     ],
 )
 def test_schedule_options_are_deterministic_and_resume_exactly(options, named):
@@ -573,7 +573,7 @@ def test_state_from_before_small_layer_share_loads_only_without_it():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        old = SlimFit(model, opt, freeze_ratio=0.8, compression=None, seed=1)
+        old = SlimFit(model, opt, freeze_ratio=0.8, small_layer_share=None, compression=None, seed=1)
     _train_sets(model, opt, old, 4)
     state = old.state_dict()
     del state["small_layer_share"], state["scheduler"]["small_share"]
@@ -585,7 +585,7 @@ def test_state_from_before_small_layer_share_loads_only_without_it():
             return SlimFit(other, torch.optim.AdamW(other.parameters()), freeze_ratio=0.8, compression=None, **kwargs)
 
     with pytest.raises(ValueError, match="state was saved with small_layer_share=None, this SlimFit has 0.125"):
-        new(small_layer_share=0.125).load_state_dict(state)
-    fresh = new()
+        new().load_state_dict(state)
+    fresh = new(small_layer_share=None)
     fresh.load_state_dict(state)
     assert fresh.trainable_layers() == old.trainable_layers()

@@ -13,7 +13,7 @@ import torch
 
 from slimfit.data import DataError
 from slimfit.optim_state import OPTIMIZER_STATE_POLICIES
-from slimfit.scheduler import DEFAULT_FREEZE_RATIO, DEFAULT_REVISIT_ROUNDS, FREEZE_UNITS
+from slimfit.scheduler import DEFAULT_FREEZE_RATIO, DEFAULT_REVISIT_ROUNDS, DEFAULT_SMALL_SHARE, FREEZE_UNITS
 from slimfit.scoring import SCORING_MODES
 
 METHODS = ("full", "freeze-only", "slimfit", "grad-ckpt", "lora")
@@ -89,7 +89,7 @@ class FinetuneConfig:
     scoring: str = SCORING[0]  # freeze-only and slimfit: slimfit.scoring.SCORING_MODES
     freeze_unit: str = FREEZE_UNIT[0]  # freeze-only and slimfit: FREEZE_UNIT
     revisit_rounds: int = DEFAULT_REVISIT_ROUNDS  # freeze-only and slimfit; 0: no bound
-    small_layer_share: float = 0.0  # freeze-only and slimfit, counting parameters; 0: every layer by score
+    small_layer_share: float = DEFAULT_SMALL_SHARE  # freeze-only and slimfit, counting parameters; 0: none
     # freeze-only and slimfit: modules (names as in model.named_modules()) that train at every step, outside the
     # schedule, besides the task's new head
     always_train: Sequence[str] = ()
