@@ -553,6 +553,26 @@ def test_logged_loss_is_the_steps_loss_with_gradient_accumulation(assets, tmp_pa
     assert accumulated == pytest.approx(whole, rel=1e-5)
 
 
+def train_schedule(assets, **options):
+    """Trains the tiny BERT on the CSV at freeze ratio 0.8 with ``options``; returns the loop's result (layer names
+    and which trained at each step)."""
+    from slimfit import tasks
+    from slimfit.finetune import loop
+
+    config = FinetuneConfig(
+        model=str(assets["model"]),
+        data=str(assets["csv"]),
+        text_column="body",
+        label_column="topic",
+        batch_size=8,
+        max_length=16,
+        freeze_ratio=0.8,
+        **options,
+    )
+    config, task = tasks.prepare(config)
+    return loop.run(config, task, progress=False)
+
+
 @pytest.mark.parametrize("method", ["slimfit", "freeze-only"])
 @pytest.mark.parametrize(
     ("modules", "always_trained"),
@@ -565,24 +585,8 @@ def test_logged_loss_is_the_steps_loss_with_gradient_accumulation(assets, tmp_pa
 def test_head_and_always_train_modules_train_at_every_step_the_rest_is_scheduled(
     assets, method, modules, always_trained
 ):
-    from slimfit import tasks
-    from slimfit.finetune import loop
-
-    config = FinetuneConfig(
-        model=str(assets["model"]),
-        data=str(assets["csv"]),
-        text_column="body",
-        label_column="topic",
-        batch_size=8,
-        max_steps=6,
-        max_length=16,
-        method=method,
-        freeze_ratio=0.8,
-        freeze_unit="layers",  # K scheduled layers per step: countable
-        always_train=modules,
-    )
-    config, task = tasks.prepare(config)
-    result = loop.run(config, task, progress=False)
+    # freeze_unit="layers": K scheduled layers per step, countable
+    result = train_schedule(assets, max_steps=6, method=method, freeze_unit="layers", always_train=modules)
     prefixes = tuple(f"{name}." for name in modules)
     always = [i for i, name in enumerate(result.layers) if name.startswith(prefixes) or name == "classifier.weight"]
     assert len(always) == always_trained
@@ -595,23 +599,8 @@ def test_head_and_always_train_modules_train_at_every_step_the_rest_is_scheduled
 def test_small_layers_train_at_every_step_unless_the_share_is_0(assets):
     from safetensors.torch import load_file
 
-    from slimfit import tasks
-    from slimfit.finetune import loop
-
     def schedule(share):
-        config = FinetuneConfig(
-            model=str(assets["model"]),
-            data=str(assets["csv"]),
-            text_column="body",
-            label_column="topic",
-            batch_size=8,
-            max_steps=8,
-            max_length=16,
-            freeze_ratio=0.8,
-            small_layer_share=share,
-        )
-        config, task = tasks.prepare(config)
-        result = loop.run(config, task, progress=False)
+        result = train_schedule(assets, max_steps=8, small_layer_share=share)
         return result.layers, result.schedule
 
     layers, shared = schedule(FinetuneConfig.small_layer_share)  # the default, 1/8

@@ -236,18 +236,23 @@ def test_costed_choice_takes_ranked_layers_while_they_fit_and_skips_the_rest():
     assert sched.trainable == [2, 3, 5]
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_costed_sets_fit_are_maximal_and_the_warmup_visits_everything(data):
     n = data.draw(st.integers(1, 30))
     costs = data.draw(st.lists(st.integers(1, 50), min_size=n, max_size=n))
     budget = data.draw(st.integers(max(costs), sum(costs)))
-    sched = InterLayerScheduler(n, budget, torch.Generator().manual_seed(data.draw(st.integers(0, 2**31))), costs)
+    share = data.draw(st.none() | st.floats(0.01, 1.0))
+    seed = data.draw(st.integers(0, 2**31))
+    sched = InterLayerScheduler(n, budget, torch.Generator().manual_seed(seed), costs, small_share=share)
+    small = sched.every_step
+    assert small == [] if share is None else all(costs[i] <= share * max(costs) for i in small)
+    assert sum(costs[i] for i in small) + max(costs) <= budget  # the largest layer can still train
     seen: set[int] = set()
     for _ in range(n):  # at least one pending layer trains per warm-up step, so n steps always suffice
         chosen = sched.trainable
         taken = sum(costs[i] for i in chosen)
-        assert chosen and taken <= budget
+        assert chosen and taken <= budget and set(small) <= set(chosen)
         # Maximal: every layer left out is larger than what is left of the budget.
         assert all(costs[i] > budget - taken for i in range(n) if i not in chosen)
         seen |= set(chosen)
@@ -481,25 +486,6 @@ def test_bad_revisit_rounds_raises(bad):
         SlimFit(model, torch.optim.SGD(model.parameters(), lr=0.1), revisit_rounds=bad, compression=None)
 
 
-def test_state_from_before_revisit_rounds_loads_only_without_a_bound():
-    model = _embedding_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    old = SlimFit(model, opt, freeze_ratio=0.6, revisit_rounds=None, compression=None, seed=1)
-    _train_sets(model, opt, old, 4)
-    state = old.state_dict()
-    del state["revisit_rounds"], state["scheduler"]["max_frozen_steps"], state["scheduler"]["last_trained"]
-
-    def new(**kwargs):
-        other = _embedding_model()
-        return SlimFit(other, torch.optim.AdamW(other.parameters()), freeze_ratio=0.6, compression=None, **kwargs)
-
-    with pytest.raises(ValueError, match="state was saved with revisit_rounds=None, this SlimFit has 3"):
-        new().load_state_dict(state)
-    fresh = new(revisit_rounds=None)
-    fresh.load_state_dict(state)
-    assert fresh.trainable_layers() == old.trainable_layers()
-
-
 # ------------------------------------------------------------------------------------------------- small layers
 
 
@@ -535,30 +521,6 @@ def test_small_layers_are_taken_smallest_first_while_the_largest_still_fits():
     assert InterLayerScheduler(4, 2, small_share=1.0).every_step == []
 
 
-@settings(max_examples=40, deadline=None)
-@given(data=st.data())
-def test_small_layer_sets_fit_are_maximal_and_the_warmup_visits_everything(data):
-    n = data.draw(st.integers(1, 30))
-    costs = data.draw(st.lists(st.integers(1, 50), min_size=n, max_size=n))
-    budget = data.draw(st.integers(max(costs), sum(costs)))
-    share = data.draw(st.floats(0.01, 1.0))
-    sched = InterLayerScheduler(
-        n, budget, torch.Generator().manual_seed(data.draw(st.integers(0, 2**31))), costs, small_share=share
-    )
-    small = sched.every_step
-    assert all(costs[i] <= share * max(costs) for i in small)
-    assert sum(costs[i] for i in small) + max(costs) <= budget
-    seen: set[int] = set()
-    for _ in range(n):
-        chosen = sched.trainable
-        taken = sum(costs[i] for i in chosen)
-        assert set(small) <= set(chosen) and taken <= budget
-        assert all(costs[i] > budget - taken for i in range(n) if i not in chosen)
-        seen |= set(chosen)
-        sched.step(chosen, torch.rand(len(chosen)) + 0.1)
-    assert seen == set(range(n))
-
-
 @pytest.mark.parametrize("bad", [0, 0.0, -0.5, 1.5, float("nan"), True, "0.1"])
 def test_bad_small_share_raises(bad):
     with pytest.raises(ValueError, match="small_share must be a number in"):
@@ -568,24 +530,32 @@ def test_bad_small_share_raises(bad):
         SlimFit(model, torch.optim.SGD(model.parameters(), lr=0.1), small_layer_share=bad, compression=None)
 
 
-def test_state_from_before_small_layer_share_loads_only_without_it():
-    model = _embedding_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        old = SlimFit(model, opt, freeze_ratio=0.8, small_layer_share=None, compression=None, seed=1)
-    _train_sets(model, opt, old, 4)
-    state = old.state_dict()
-    del state["small_layer_share"], state["scheduler"]["small_share"]
+@pytest.mark.parametrize(
+    ("option", "added_keys", "default"),
+    [
+        ("revisit_rounds", ("max_frozen_steps", "last_trained"), 3),
+        ("small_layer_share", ("small_share",), 0.125),
+    ],
+)
+def test_state_from_before_an_option_loads_only_without_it(option, added_keys, default):
+    """A state saved before ``option`` existed lacks its keys: it loads into a SlimFit without the option (None)
+    and continues the same schedule, and is refused with the option at its default."""
 
-    def new(**kwargs):
-        other = _embedding_model()
+    def slimfit(**kwargs):
+        model = _embedding_model()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            return SlimFit(other, torch.optim.AdamW(other.parameters()), freeze_ratio=0.8, compression=None, **kwargs)
+            return model, opt, SlimFit(model, opt, freeze_ratio=0.6, compression=None, seed=1, **kwargs)
 
-    with pytest.raises(ValueError, match="state was saved with small_layer_share=None, this SlimFit has 0.125"):
-        new().load_state_dict(state)
-    fresh = new(small_layer_share=None)
+    model, opt, old = slimfit(**{option: None})
+    _train_sets(model, opt, old, 4)
+    state = old.state_dict()
+    del state[option]
+    for key in added_keys:
+        del state["scheduler"][key]
+    with pytest.raises(ValueError, match=f"state was saved with {option}=None, this SlimFit has {default}"):
+        slimfit()[2].load_state_dict(state)
+    fresh = slimfit(**{option: None})[2]
     fresh.load_state_dict(state)
     assert fresh.trainable_layers() == old.trainable_layers()
