@@ -400,7 +400,8 @@ def _add_training_options(parser: argparse.ArgumentParser, with_checkpoints: boo
         default=default("small_layer_share"),
         help="freeze-only and slimfit, with --freeze-unit parameters: a layer holding at most this share of the "
         "largest layer's parameters (normalisation weights, small embeddings) trains at every step, paid from the "
-        "budget; 0: every layer is packed into the budget by score (default: %(default)s)",
+        "budget (smallest first, while the rest still holds the largest layer); 0: every layer is packed into the "
+        "budget by score (default: %(default)s)",
     )
     train.add_argument(
         "--always-train",

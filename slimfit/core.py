@@ -115,7 +115,8 @@ class SlimFit:
             frozen first, within the budget). A frozen layer keeps the score of its last visit while the rest of
             the model moves; the bound re-measures it. ``3`` (default) was chosen on a validation split of BBC News
             (see README); ``None``: no bound, as the original SlimFit. The freeze ratio is unchanged.
-        small_layer_share: with ``freeze_unit="parameters"``, every scheduled layer holding at most this share of
+        small_layer_share: with ``freeze_unit="parameters"`` (counting layers it has no effect and is recorded as
+            ``None``), every scheduled layer holding at most this share of
             the largest scheduled layer's elements (a float in ``(0, 1]``) trains at every step, its elements taken
             from the budget (smallest first, while the rest of the budget still holds the largest layer); the
             others are packed by score. Packed by score too, such layers train only when the large layers ranked
@@ -257,13 +258,16 @@ class SlimFit:
         self._process_group = process_group
         (seed,) = broadcast_indices([torch.initial_seed() if seed is None else seed], process_group)
         generator = torch.Generator().manual_seed(seed)
-        # A round is the warm-up's length: the steps the budget needs to visit every scheduled layer once.
+        # A round: the steps the whole budget needs to hold every scheduled element once (with small layers taking
+        # part of the budget at every step, the warm-up itself can be a step or so longer).
         round_steps = math.ceil((len(self.layers) if costs is None else sum(costs)) / self.num_trainable)
         self.revisit_rounds = revisit_rounds
         max_frozen_steps = None if revisit_rounds is None else revisit_rounds * round_steps
-        self.small_layer_share = small_layer_share
+        # Counting layers every layer costs the same: none is small, and the setting is recorded as None so that
+        # states of either kind load alike.
+        self.small_layer_share = None if costs is None or small_layer_share is None else float(small_layer_share)
         self.scheduler = InterLayerScheduler(
-            len(self.layers), self.num_trainable, generator, costs, max_frozen_steps, small_layer_share
+            len(self.layers), self.num_trainable, generator, costs, max_frozen_steps, self.small_layer_share
         )
         params = [layer.param for layer in self.layers]
         self._scorer = UpdateScorer(params, metric, scoring, seed, optimizer)  # checks scoring
@@ -425,7 +429,8 @@ class SlimFit:
         saved_share = state.get("small_layer_share")  # states from before the rule existed packed every layer
         if saved_share != self.small_layer_share:
             raise ValueError(
-                f"state was saved with small_layer_share={saved_share!r}, this SlimFit has {self.small_layer_share!r}"
+                f"state was saved with small_layer_share={saved_share!r}, this SlimFit has {self.small_layer_share!r} "
+                "(pass the saved value, CLI --small-layer-share 0 for None)"
             )
         names = list(state["layer_names"])
         if names != self.layer_names:

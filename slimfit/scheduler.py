@@ -11,9 +11,10 @@ Pure bookkeeping over layer indices ``0 .. N-1``; it knows nothing about models 
   feed-forward and three attention matrices left 9,619 of a 267,667-element budget, the position embeddings
   (9,600) and LayerNorm weights lost that room to the patch projection, and trained only at revisits.
 * A layer that has never been scored is *pending*. Pending layers are chosen before scored ones, in a
-  random order drawn once at construction (the *warm-up order*), so the first ``ceil(N / K)`` steps are a
-  random round-robin in which every layer trains at least once. This replaces the original SlimFit trick
-  of initialising scores with huge random values, which a genuinely large score could beat.
+  random order drawn once at construction (the *warm-up order*), so the first ``ceil(N / K)`` steps (a few more
+  where small layers take part of a costed budget) are a random round-robin in which every layer trains at least
+  once. This replaces the original SlimFit trick of initialising scores with huge random values, which a genuinely
+  large score could beat.
 * After a step, the layers that trained get a fresh score; frozen layers keep theirs. The next set is
   the pending layers in warm-up order followed by the scored layers by descending score (ties broken by
   layer index), cut at the budget.
@@ -41,7 +42,8 @@ DEFAULT_FREEZE_RATIO = 0.9
 DEFAULT_REVISIT_ROUNDS = 3
 """slimfit.SlimFit's ``revisit_rounds``: a layer frozen this many rounds of the schedule trains next."""
 DEFAULT_SMALL_SHARE = 0.125
-"""slimfit.SlimFit's ``small_layer_share``: layers at most this share of the largest one train at every step."""
+"""slimfit.SlimFit's ``small_layer_share``: layers at most this share of the largest train at every step (while the
+rest of the budget still holds the largest)."""
 
 
 class InterLayerScheduler:

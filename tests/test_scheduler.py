@@ -517,7 +517,7 @@ def test_small_layers_are_taken_smallest_first_while_the_largest_still_fits():
     assert sched.every_step == [3, 4, 5]
     # A budget that holds only the largest layer leaves no room for any.
     assert InterLayerScheduler(3, 40, costs=[40, 1, 1], small_share=1.0).every_step == []
-    # Unit costs: every layer is the same size, nothing is small.
+    # Without costs (counting layers) no layer is small, whatever the share.
     assert InterLayerScheduler(4, 2, small_share=1.0).every_step == []
 
 
@@ -559,3 +559,22 @@ def test_state_from_before_an_option_loads_only_without_it(option, added_keys, d
     fresh = slimfit(**{option: None})[2]
     fresh.load_state_dict(state)
     assert fresh.trainable_layers() == old.trainable_layers()
+
+
+def test_counting_layers_records_no_small_layer_share_and_loads_older_states():
+    def slimfit(**kwargs):
+        model = _embedding_model()
+        return SlimFit(model, torch.optim.AdamW(model.parameters()), freeze_unit="layers", compression=None, **kwargs)
+
+    old = slimfit(small_layer_share=None)
+    state = old.state_dict()
+    del state["small_layer_share"], state["scheduler"]["small_share"]
+    new = slimfit()  # the default share: no layer is small when every layer costs the same
+    assert new.small_layer_share is None and new.scheduler.every_step == []
+    new.load_state_dict(state)
+    assert new.trainable_layers() == old.trainable_layers()
+    model = _embedding_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        shared = SlimFit(model, torch.optim.AdamW(model.parameters()), small_layer_share=1, compression=None)
+    assert shared.small_layer_share == 1.0 and isinstance(shared.small_layer_share, float)
