@@ -3,5 +3,6 @@
 from slimfit import ops
 from slimfit._version import __version__
 from slimfit.core import SlimFit
+from slimfit.nn.column_blocks import merge_columns, split_columns
 
-__all__ = ["SlimFit", "__version__", "ops"]
+__all__ = ["SlimFit", "__version__", "merge_columns", "ops", "split_columns"]

@@ -404,6 +404,16 @@ def _add_training_options(parser: argparse.ArgumentParser, with_checkpoints: boo
         "budget by score (default: %(default)s)",
     )
     train.add_argument(
+        "--column-blocks",
+        type=int,
+        default=default("column_blocks"),
+        metavar="N",
+        help="freeze-only and slimfit: hold every Linear's weight (but the new head's) as N blocks of input "
+        "columns, each scheduled on its own, so the per-step budget can train parts of matrices larger than it "
+        "and a trained block keeps only its own input columns for backward; checkpoints keep the plain weights; "
+        "0: whole matrices (default: %(default)s)",
+    )
+    train.add_argument(
         "--always-train",
         nargs="+",
         metavar="MODULE",

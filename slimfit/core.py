@@ -26,6 +26,7 @@ from slimfit.distributed import broadcast_indices, check_process_group, is_distr
 from slimfit.layers import Layer, reject_sharded_parameters, split_parameters, unwrap_model
 from slimfit.memory import DecodeMeter, SavedTensorMeter
 from slimfit.models import PatchHandle, patch
+from slimfit.nn.column_blocks import whole_sizes
 from slimfit.optim_state import OPTIMIZER_STATE_POLICIES, OptimizerStateManager
 from slimfit.policy import DEFAULT_POLICY, CompressionPolicy
 from slimfit.scheduler import (
@@ -266,8 +267,14 @@ class SlimFit:
         # Counting layers every layer costs the same: none is small, and the setting is recorded as None so that
         # states of either kind load alike.
         self.small_layer_share = None if costs is None or small_layer_share is None else float(small_layer_share)
+        # A column block (slimfit.nn.column_blocks) is judged small or not by its whole matrix; None where no
+        # layer is a block, so that states of models without blocks stay as they were.
+        whole = whole_sizes(self.model)
+        sizes = None
+        if costs is not None and whole:
+            sizes = [whole.get(id(x.param), c) for x, c in zip(self.layers, costs, strict=True)]
         self.scheduler = InterLayerScheduler(
-            len(self.layers), self.num_trainable, generator, costs, max_frozen_steps, self.small_layer_share
+            len(self.layers), self.num_trainable, generator, costs, max_frozen_steps, self.small_layer_share, sizes
         )
         params = [layer.param for layer in self.layers]
         self._scorer = UpdateScorer(params, metric, scoring, seed, optimizer)  # checks scoring

@@ -6,7 +6,8 @@ Pure bookkeeping over layer indices ``0 .. N-1``; it knows nothing about models 
   layer count ``K`` and exactly ``K`` layers train; with ``costs`` (e.g. parameter counts) the ranked layers are
   taken in order while they fit, skipping one that does not (a smaller one further down may still fit).
 * With costs, a layer holding at most ``small_share`` of the largest layer's cost trains at every step, paid from
-  the budget (smallest first, while what is left still holds the largest layer). Packed by score, such a layer
+  the budget (smallest first, while what is left still holds the largest layer); with ``sizes``, smallness is
+  judged on them instead (a column block is as large as its matrix, not small). Packed by score, such a layer
   trains only when the large layers ranked above it happen to leave room for it: on a ViT at freeze ratio 0.9, one
   feed-forward and three attention matrices left 9,619 of a 267,667-element budget, the position embeddings
   (9,600) and LayerNorm weights lost that room to the patch projection, and trained only at revisits.
@@ -60,6 +61,8 @@ class InterLayerScheduler:
             next step, longest frozen first.
         small_share: with ``costs``, a layer whose cost is at most this share of the largest cost (a float in
             ``(0, 1]``) trains at every step, taking its cost from the budget; ``None``: packed by score like the rest.
+        sizes: with ``costs``, what ``small_share`` compares instead of the costs (positive ints, one per layer; the
+            whole matrix of a column block); ``None``: the costs.
     """
 
     def __init__(
@@ -70,6 +73,7 @@ class InterLayerScheduler:
         costs: Sequence[int] | None = None,
         max_frozen_steps: int | None = None,
         small_share: float | None = None,
+        sizes: Sequence[int] | None = None,
     ) -> None:
         if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
             raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
@@ -79,6 +83,14 @@ class InterLayerScheduler:
                 isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in costs
             ):
                 raise ValueError(f"costs must be {num_layers} positive ints, got {costs!r}")
+        if sizes is not None:
+            sizes = list(sizes)
+            if (
+                costs is None
+                or len(sizes) != num_layers
+                or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in sizes)
+            ):
+                raise ValueError(f"sizes must be None or, with costs, {num_layers} positive ints, got {sizes!r}")
         # A layer count lies in [1, N]; a costed budget must hold the largest layer and may exceed the sum.
         accepted = f"in [1, {num_layers}]" if costs is None else f"at least {max(costs)}"
         in_range = isinstance(num_trainable, int) and (
@@ -99,6 +111,7 @@ class InterLayerScheduler:
         self.costs = costs
         self.max_frozen_steps = max_frozen_steps
         self.small_share = None if small_share is None else float(small_share)
+        self.sizes = sizes if sizes is not None else costs
         self.every_step = self._every_step()
         self.scores = torch.zeros(num_layers, dtype=torch.float32)
         self.scored = torch.zeros(num_layers, dtype=torch.bool)
@@ -142,11 +155,11 @@ class InterLayerScheduler:
         """The small layers that train at every step: smallest first, while the rest still holds the largest."""
         if self.costs is None or self.small_share is None:
             return []
-        largest = max(self.costs)
-        room = self.num_trainable - largest
+        room = self.num_trainable - max(self.costs)
+        threshold = self.small_share * max(self.sizes)
         chosen = []
-        for i in sorted(range(self.num_layers), key=lambda i: (self.costs[i], i)):
-            if self.costs[i] > min(room, self.small_share * largest):
+        for i in sorted(range(self.num_layers), key=lambda i: (self.sizes[i], i)):
+            if self.costs[i] > room or self.sizes[i] > threshold:
                 break
             chosen.append(i)
             room -= self.costs[i]
@@ -191,6 +204,7 @@ class InterLayerScheduler:
             "costs": self.costs,
             "max_frozen_steps": self.max_frozen_steps,
             "small_share": self.small_share,
+            "sizes": self.sizes,
             "scores": self.scores.tolist(),
             "scored": self.scored.tolist(),
             "last_trained": self.last_trained.tolist(),
@@ -201,7 +215,9 @@ class InterLayerScheduler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; the layer count and ``K`` must match this scheduler."""
-        for key in ("num_layers", "num_trainable", "costs", "max_frozen_steps", "small_share"):
+        # States from before sizes existed judged small layers on their costs.
+        state = {"sizes": state.get("costs"), **state}
+        for key in ("num_layers", "num_trainable", "costs", "max_frozen_steps", "small_share", "sizes"):
             if state.get(key) != getattr(self, key):
                 raise ValueError(
                     f"scheduler state has {key}={state.get(key)!r}, this scheduler has {getattr(self, key)}"

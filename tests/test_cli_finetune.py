@@ -23,7 +23,7 @@ pytest.importorskip("matplotlib")
 from checks import expect_cli_error  # noqa: E402
 from tiny_bert import bypass_attention_registry, save_tiny_bert, texts, write_csv  # noqa: E402
 
-from slimfit import cli  # noqa: E402
+from slimfit import cli, split_columns  # noqa: E402
 from slimfit.data import DataError, load_dataset, stratified_split  # noqa: E402
 from slimfit.finetune.options import FinetuneConfig  # noqa: E402
 from slimfit.tasks.base import classification_metrics, default_model_path  # noqa: E402
@@ -150,6 +150,40 @@ def test_small_layer_share_must_lie_in_0_1(assets, tmp_path, capsys, value):
     argv = finetune(assets, "--small-layer-share", value, "--output", str(tmp_path / "o"))
     message = f"--small-layer-share: {float(value)} is outside [0, 1] (0: every layer by score)"
     expect_cli_error(capsys, argv, message, output=tmp_path / "o")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--column-blocks", "1"), "--column-blocks: 1 must be 0 (whole matrices) or at least 2"),
+        (("--column-blocks", "-2"), "--column-blocks: -2 must be 0 (whole matrices) or at least 2"),
+        (("--column-blocks", "4", "--method", "full"), "--column-blocks: 4 needs --method freeze-only or slimfit"),
+        (("--column-blocks", "65"), "--column-blocks: 65 blocks fit no Linear of the model outside its new head"),
+    ],
+)
+def test_column_blocks_are_checked(assets, tmp_path, capsys, extra, message):
+    expect_cli_error(capsys, finetune(assets, *extra, "--output", str(tmp_path / "o")), message, output=tmp_path / "o")
+
+
+def test_column_blocks_run_writes_a_plain_model(assets, tmp_path, monkeypatch):
+    """Trained as column blocks, saved with the unsplit model's keys: it loads with no key missing or left over."""
+    from transformers import AutoModelForSequenceClassification
+
+    from slimfit.finetune import loop
+
+    split = []
+
+    def spy(*args, **kwargs):
+        split.extend(split_columns(*args, **kwargs))
+        return split
+
+    monkeypatch.setattr(loop, "split_columns", spy)
+    assert cli.main(finetune(assets, "--column-blocks", "4", "--output", str(tmp_path / "o"))) == 0
+    assert "bert.encoder.layer.0.attention.self.query" in split and "classifier" not in split
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert metrics["config"]["column_blocks"] == 4
+    _, info = AutoModelForSequenceClassification.from_pretrained(tmp_path / "o" / "model", output_loading_info=True)
+    assert not any(info.values()), info
 
 
 @pytest.mark.parametrize("option", ["--lr", "--slimfit-lr", "--lora-lr", "--slimfit-no-decay-lr"])
@@ -479,6 +513,7 @@ def test_attention_left_uncompressed_is_reported(assets, tmp_path, capsys, monke
         ("parameters", 3, ("--slimfit-lr", "1e-3", "--slimfit-no-decay-lr", "2e-4")),
         ("parameters", 3, ("--always-train", "bert.embeddings")),
         ("parameters", 3, ("--small-layer-share", "0")),
+        ("parameters", 3, ("--column-blocks", "4")),
     ],
 )
 def test_resumed_run_reproduces_the_uninterrupted_one(assets, tmp_path, freeze_unit, revisit_rounds, rates):

@@ -524,7 +524,7 @@ def test_ddp_wrapped_model(tmp_path):
     assert losses == pytest.approx(ref_losses, rel=1e-5)
 
 
-def _two_rank_worker(rank: int, port: int, out: str) -> None:
+def _two_rank_worker(rank: int, port: int, out: str, blocks: int) -> None:
     import os
 
     import torch.distributed as dist
@@ -533,6 +533,8 @@ def _two_rank_worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(minutes=2))
     try:
         model = tiny_classifier()
+        if blocks:
+            slimfit.split_columns(model, blocks, exclude=("classifier",))
         ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         opt = torch.optim.AdamW(ddp.parameters(), lr=3e-3)
         torch.manual_seed(100 + rank)  # ranks' RNGs differ: the warm-up order must still agree
@@ -549,7 +551,8 @@ def _two_rank_worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_ranks_agree_on_every_trainable_set(tmp_path):
+@pytest.mark.parametrize("blocks", [0, 4])
+def test_two_ranks_agree_on_every_trainable_set(tmp_path, blocks):
     import socket
 
     import torch.multiprocessing as mp
@@ -558,10 +561,11 @@ def test_two_ranks_agree_on_every_trainable_set(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "rank")
-    mp.start_processes(_two_rank_worker, args=(port, out), nprocs=2, start_method="spawn")
+    mp.start_processes(_two_rank_worker, args=(port, out, blocks), nprocs=2, start_method="spawn")
     ranks = [torch.load(f"{out}.{r}") for r in range(2)]
     assert ranks[0]["sets"] == ranks[1]["sets"]
     assert len({tuple(s) for s in ranks[0]["sets"]}) > 1
+    assert any(".weight_blocks." in name for s in ranks[0]["sets"] for name in s) == bool(blocks)
     for name, p in ranks[0]["weights"].items():
         assert torch.equal(p, ranks[1]["weights"][name]), name
 

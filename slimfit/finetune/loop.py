@@ -28,6 +28,7 @@ from slimfit.finetune.meter import PeakMemory
 from slimfit.finetune.options import SCHEDULED_METHODS, FinetuneConfig, resolve_device
 from slimfit.finetune.report import RunResult
 from slimfit.layers import split_parameters
+from slimfit.nn.column_blocks import split_columns
 from slimfit.policy import DEFAULT_POLICY
 from slimfit.tasks.base import Task, quiet_transformers
 
@@ -224,6 +225,13 @@ def build_model(task: Task, config: FinetuneConfig) -> nn.Module:
             exclude_modules=list(task.head_modules),
         )
         model = get_peft_model(model, lora)
+    if config.column_blocks and config.method in SCHEDULED_METHODS:
+        if not split_columns(model, config.column_blocks, exclude=tuple(task.new_head)):
+            widths = [m.in_features for m in model.modules() if isinstance(m, nn.Linear)]
+            raise DataError(
+                f"--column-blocks: {config.column_blocks} blocks fit no Linear of the model outside its new head "
+                f"(widest input: {max(widths, default=0)} columns)"
+            )
     return model
 
 

@@ -90,6 +90,9 @@ class FinetuneConfig:
     freeze_unit: str = FREEZE_UNIT[0]  # freeze-only and slimfit: FREEZE_UNIT
     revisit_rounds: int = DEFAULT_REVISIT_ROUNDS  # freeze-only and slimfit; 0: no bound
     small_layer_share: float = DEFAULT_SMALL_SHARE  # freeze-only and slimfit, counting parameters; 0: none
+    # freeze-only and slimfit: every Linear but the new head's held as this many blocks of input columns, each
+    # scheduled on its own (slimfit.nn.column_blocks); 0: whole matrices
+    column_blocks: int = 0
     # freeze-only and slimfit: modules (names as in model.named_modules()) that train at every step, outside the
     # schedule, besides the task's new head
     always_train: Sequence[str] = ()
@@ -161,6 +164,13 @@ def check_config(config: FinetuneConfig) -> None:
         raise DataError(f"--revisit-rounds: {config.revisit_rounds} must be at least 0 (0: no bound)")
     if not 0.0 <= config.small_layer_share <= 1.0:  # NaN fails too
         raise DataError(f"--small-layer-share: {config.small_layer_share} is outside [0, 1] (0: every layer by score)")
+    if config.column_blocks < 0 or config.column_blocks == 1:
+        raise DataError(f"--column-blocks: {config.column_blocks} must be 0 (whole matrices) or at least 2")
+    if config.column_blocks and config.method not in SCHEDULED_METHODS:
+        raise DataError(
+            f"--column-blocks: {config.column_blocks} needs --method {' or '.join(SCHEDULED_METHODS)}, "
+            f"got --method {config.method}"
+        )
     if not 0.0 <= config.warmup_fraction < 1.0:
         raise DataError(f"warmup_fraction: {config.warmup_fraction} is outside [0, 1) (a share of the optimizer steps)")
     for name in ("lr", "lora_lr", "slimfit_lr", "slimfit_no_decay_lr"):

@@ -5,7 +5,8 @@ Modules are patched by type, in place: an instance's ``__class__`` becomes a sub
 :meth:`PatchHandle.remove` restores the exact original classes.
 
 - torch modules of exactly these types: ``nn.Linear``, ``nn.LayerNorm``, ``nn.Dropout``, ``nn.GELU``, ``nn.ReLU``,
-  ``nn.SiLU``, ``nn.Tanh``, ``nn.Sigmoid`` (the generic path: any model built from them);
+  ``nn.SiLU``, ``nn.Tanh``, ``nn.Sigmoid`` and slimfit's ``ColumnBlockLinear`` (the generic path: any model built
+  from them);
 - transformers activation classes (GELU variants, SiLU), and attention of models whose config selects
   ``attn_implementation="sdpa"``: the config is switched to slimfit's own registered implementation
   (:mod:`slimfit.models.hf`; BERT, RoBERTa, ELECTRA, DistilBERT, ViT, DeiT and other 5.x models);
@@ -43,8 +44,9 @@ except ImportError:  # transformers is optional
 __all__ = ["PatchHandle", "patch"]
 
 _POLICY_ATTR = "slimfit_policy"
-# Leaf modules that save nothing worth compressing (indices, or nothing at all).
-_HARMLESS = (nn.Embedding, nn.Identity, nn.Flatten)
+# Leaf modules that save nothing worth compressing (indices, or nothing at all; a ParameterList only holds the
+# column blocks its ColumnBlockLinear computes with).
+_HARMLESS = (nn.Embedding, nn.Identity, nn.Flatten, nn.ParameterList)
 _ACTIVATION_MODULES = (nn.modules.activation.__name__, "transformers.activations")
 
 

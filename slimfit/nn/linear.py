@@ -14,17 +14,26 @@ from slimfit.policy import Quantize
 _SHARED_CODE_ATTR = "_slimfit_linear_code"
 
 
-def shared_code(x: torch.Tensor, setting: Quantize | None):
-    """``encode(x, setting)``, computed once per (tensor, version, setting) and reused afterwards."""
-    if setting is None or torch.compiler.is_compiling():
+def shared_code(x: torch.Tensor, setting: Quantize | None, columns: tuple[int, int] | None = None):
+    """``encode(x[..., columns], setting)`` (all of ``x`` for None), computed once per (tensor, version, setting,
+    columns) and reused afterwards."""
+
+    def part() -> torch.Tensor:
+        return x if columns is None else x[..., columns[0] : columns[1]].contiguous()
+
+    if setting is None:
+        return x if columns is None else x[..., columns[0] : columns[1]]
+    if torch.compiler.is_compiling():
         # torch.compile cannot trace the tensor-attribute cache: compiled graphs encode once per Linear.
-        return encode(x, setting)
+        return encode(part(), setting)
     cached = getattr(x, _SHARED_CODE_ATTR, None)
-    if cached is not None and cached[0] == (x._version, setting):
-        return cached[1]
-    code = encode(x, setting)
-    setattr(x, _SHARED_CODE_ATTR, ((x._version, setting), code))
-    return code
+    if cached is None or cached[0] != x._version:
+        cached = (x._version, {})
+        setattr(x, _SHARED_CODE_ATTR, cached)
+    key = (setting, columns)
+    if key not in cached[1]:
+        cached[1][key] = encode(part(), setting)
+    return cached[1][key]
 
 
 class LinearFunction(torch.autograd.Function):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from slimfit.nn.activation import ACTIVATIONS, activation
+from slimfit.nn.column_blocks import ColumnBlockLinear, column_block_linear
 from slimfit.nn.dropout import dropout
 from slimfit.nn.gated_mlp import gated_product
 from slimfit.nn.layernorm import layer_norm
@@ -24,6 +25,10 @@ from slimfit.policy import DEFAULT_POLICY
 
 def _linear_forward(self, x: torch.Tensor) -> torch.Tensor:
     return linear(x, self.weight, self.bias, self.slimfit_policy.linear_input)
+
+
+def _column_blocks_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return column_block_linear(x, tuple(self.weight_blocks), self.bounds, self.bias, self.slimfit_policy.linear_input)
 
 
 def _layer_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,6 +82,7 @@ def _activation_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 _FORWARDS: dict[str, Callable] = {
     "linear": _linear_forward,
+    "column_blocks": _column_blocks_forward,
     "layer_norm": _layer_norm_forward,
     "rms_norm": _rms_norm_forward,
     "conv1d": _conv1d_forward,
@@ -95,7 +101,8 @@ def patched_class(
 ) -> type:
     """The compressed subclass of ``base`` (cached per base class).
 
-    kind: "linear" (nn.Linear-like: weight, bias), "layer_norm" (normalized_shape, weight, bias, eps),
+    kind: "linear" (nn.Linear-like: weight, bias), "column_blocks" (:class:`ColumnBlockLinear`), "layer_norm"
+    (normalized_shape, weight, bias, eps),
     "rms_norm" (weight, ``eps`` or ``variance_epsilon``; ``rms_form`` is its form, a key of
     :data:`slimfit.nn.rmsnorm.FORMS`), "conv1d" (transformers' ``Conv1D``: weight ``[in, out]``, bias),
     "gated_mlp" (gate_proj, up_proj, down_proj Linears and a patched act_fn: see
@@ -138,6 +145,7 @@ def _fixed(name: str) -> Callable[[nn.Module], str]:
 
 
 Linear = patched_class(nn.Linear, "linear")
+ColumnBlocks = patched_class(ColumnBlockLinear, "column_blocks")
 LayerNorm = patched_class(nn.LayerNorm, "layer_norm")
 RMSNorm = patched_class(nn.RMSNorm, "rms_norm", rms_form="torch")
 Dropout = patched_class(nn.Dropout, "dropout")
@@ -150,6 +158,7 @@ Sigmoid = patched_class(nn.Sigmoid, "activation", _fixed("sigmoid"))
 #: torch module types patched by type: exact type -> patched class.
 TORCH_MODULES: dict[type, type] = {
     nn.Linear: Linear,
+    ColumnBlockLinear: ColumnBlocks,
     nn.LayerNorm: LayerNorm,
     nn.RMSNorm: RMSNorm,
     nn.Dropout: Dropout,
