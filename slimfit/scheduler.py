@@ -79,17 +79,11 @@ class InterLayerScheduler:
             raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
         if costs is not None:
             costs = list(costs)
-            if len(costs) != num_layers or not all(
-                isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in costs
-            ):
+            if not _positive_ints(costs, num_layers):
                 raise ValueError(f"costs must be {num_layers} positive ints, got {costs!r}")
         if sizes is not None:
             sizes = list(sizes)
-            if (
-                costs is None
-                or len(sizes) != num_layers
-                or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in sizes)
-            ):
+            if costs is None or not _positive_ints(sizes, num_layers):
                 raise ValueError(f"sizes must be None or, with costs, {num_layers} positive ints, got {sizes!r}")
         # A layer count lies in [1, N]; a costed budget must hold the largest layer and may exceed the sum.
         accepted = f"in [1, {num_layers}]" if costs is None else f"at least {max(costs)}"
@@ -239,3 +233,7 @@ class InterLayerScheduler:
             raise ValueError(
                 f"scheduler state lists trainable layers that take {taken} of a budget of {self.num_trainable}"
             )
+
+
+def _positive_ints(values: list, count: int) -> bool:
+    return len(values) == count and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)

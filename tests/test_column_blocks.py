@@ -172,15 +172,18 @@ def test_a_block_is_judged_small_by_its_whole_matrix():
     assert "bert.embeddings.position_embeddings.weight" in sf.trainable_layers()  # 256: 1/8 of a whole 32 x 64
 
 
-def _sets(model, opt, sf, data):
-    sets = []
+def _train(model, opt, sf, data):
+    """The README's loop; the trainable set before each step and each step's loss."""
+    sets, losses = [], []
     for batch in data:
         sets.append(sf.trainable_layers())
-        model(**batch).loss.backward()
+        loss = model(**batch).loss
+        loss.backward()
         opt.step()
         sf.step()
         opt.zero_grad()
-    return sets
+        losses.append(loss.item())
+    return sets, losses
 
 
 def test_schedule_of_a_split_model_is_deterministic_and_resumes_exactly():
@@ -192,12 +195,12 @@ def test_schedule_of_a_split_model_is_deterministic_and_resumes_exactly():
 
     data = batches(10)
     model, opt, sf = fresh()
-    reference = _sets(model, opt, sf, data)
+    reference, _ = _train(model, opt, sf, data)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     assert len({tuple(s) for s in reference}) > 2
     assert any(".weight_blocks." in name for s in reference for name in s)
     model, opt, sf = fresh()
-    assert _sets(model, opt, sf, data[:4]) == reference[:4]
+    assert _train(model, opt, sf, data[:4])[0] == reference[:4]
     checkpoint = {"model": model.state_dict(), "opt": opt.state_dict(), "sf": json.loads(json.dumps(sf.state_dict()))}
     rng = torch.get_rng_state()
     model, opt, sf = fresh()
@@ -205,7 +208,7 @@ def test_schedule_of_a_split_model_is_deterministic_and_resumes_exactly():
     opt.load_state_dict(checkpoint["opt"])
     sf.load_state_dict(checkpoint["sf"])
     torch.set_rng_state(rng)
-    assert _sets(model, opt, sf, data[4:]) == reference[4:]
+    assert _train(model, opt, sf, data[4:])[0] == reference[4:]
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, weights[key], rtol=0, atol=0)
 
@@ -219,15 +222,7 @@ def test_split_model_trains_like_the_whole_model_when_every_block_trains():
             split_columns(model, blocks, exclude=("classifier",))
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         sf = SlimFit(model, opt, freeze_ratio=0.0, compression=None, seed=0)
-        run = []
-        for batch in batches(5):
-            loss = model(**batch).loss
-            loss.backward()
-            opt.step()
-            sf.step()
-            opt.zero_grad()
-            run.append(loss.item())
-        losses.append(run)
+        losses.append(_train(model, opt, sf, batches(5))[1])
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
 
 
