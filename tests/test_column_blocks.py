@@ -149,6 +149,20 @@ def test_split_skips_excluded_narrow_and_tied_linears():
         split_columns(model, 1)
 
 
+def test_split_skips_a_language_models_output_embedding():
+    class LanguageModel(nn.Module):  # the get_output_embeddings() of transformers' causal LMs
+        def __init__(self):
+            super().__init__()
+            self.body, self.lm_head = nn.Linear(8, 8), nn.Linear(8, 16)
+
+        def get_output_embeddings(self) -> nn.Module:
+            return self.lm_head
+
+    model = LanguageModel()
+    assert split_columns(model, 4) == ["body"]
+    assert type(model.lm_head) is nn.Linear
+
+
 def _blocked_classifier() -> nn.Module:
     model = tiny_classifier()
     split_columns(model, 4, exclude=("classifier",))

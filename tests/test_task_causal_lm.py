@@ -25,6 +25,7 @@ from slimfit.data import DataError  # noqa: E402
 from slimfit.finetune import loop  # noqa: E402
 from slimfit.finetune.options import FinetuneConfig  # noqa: E402
 from slimfit.finetune.report import RESULT_FILES  # noqa: E402
+from slimfit.nn.column_blocks import ColumnBlockLinear  # noqa: E402
 from slimfit.tasks import causal_lm, infer_task  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -266,6 +267,25 @@ def test_lora_adapts_every_linear_layer_but_not_the_head(assets, model, adapted)
     assert all(".lora_A." in name or ".lora_B." in name for name in trainable)
     assert len({name.split(".lora_")[0] for name in trainable}) == adapted
     assert not any("lm_head" in name for name in trainable)
+
+
+def test_column_blocks_leave_the_lm_head_whole_so_its_logits_stay_chunked(assets, tmp_path):
+    """Llama's 14 body Linears are split; its (untied) head is not, since the chunked head and loss need one
+    nn.Linear: split, the run would keep the full logits and name lm_head among the uncompressed modules."""
+    config = FinetuneConfig(task="causal-lm", model=str(assets["llama"]), data=str(assets["text"]), column_blocks=8)
+    model = loop.build_model(causal_lm.prepare(config), config)
+    assert type(model.get_output_embeddings()) is torch.nn.Linear
+    assert sum(isinstance(m, ColumnBlockLinear) for m in model.modules()) == 14
+    argv = ["finetune", "--task", "causal-lm", "--model", str(assets["llama"]), "--data", str(assets["text"])]
+    metrics = run([*argv, "--column-blocks", "8"], tmp_path / "run")
+    assert metrics["config"]["column_blocks"] == 8 and metrics["uncompressed_modules"] == []
+
+
+def test_column_blocks_on_gpt2_say_why_nothing_splits(assets, tmp_path, capsys):
+    """GPT-2's blocks are Conv1D and its one nn.Linear is the head, tied to the input embedding."""
+    argv = ["finetune", "--task", "causal-lm", "--model", str(assets["gpt2"]), "--data", str(assets["text"])]
+    fragments = ("--column-blocks: 8 blocks fit no Linear", "widest input: 0 columns", "nor GPT-2's Conv1D")
+    expect_error(capsys, tmp_path, [*argv, "--column-blocks", "8"], *fragments)
 
 
 def test_bench_headline_is_perplexity_lower_is_better(assets, tmp_path, capsys):

@@ -28,7 +28,7 @@ from slimfit.finetune.meter import PeakMemory
 from slimfit.finetune.options import SCHEDULED_METHODS, FinetuneConfig, resolve_device
 from slimfit.finetune.report import RunResult
 from slimfit.layers import split_parameters
-from slimfit.nn.column_blocks import split_columns
+from slimfit.nn.column_blocks import split_columns, splittable_linears
 from slimfit.policy import DEFAULT_POLICY
 from slimfit.tasks.base import Task, quiet_transformers
 
@@ -227,10 +227,11 @@ def build_model(task: Task, config: FinetuneConfig) -> nn.Module:
         model = get_peft_model(model, lora)
     if config.column_blocks and config.method in SCHEDULED_METHODS:
         if not split_columns(model, config.column_blocks, exclude=tuple(task.new_head)):
-            widths = [m.in_features for m in model.modules() if isinstance(m, nn.Linear)]
+            widths = [m.in_features for _, m in splittable_linears(model, exclude=tuple(task.new_head))]
             raise DataError(
                 f"--column-blocks: {config.column_blocks} blocks fit no Linear of the model outside its new head "
-                f"(widest input: {max(widths, default=0)} columns)"
+                f"(widest input: {max(widths, default=0)} columns; only nn.Linear layers split, not an output "
+                "embedding or a tied weight, nor GPT-2's Conv1D)"
             )
     return model
 

@@ -127,28 +127,37 @@ def _split_state(module: ColumnBlockLinear, state: dict, prefix: str, *_args) ->
             state[f"{prefix}weight_blocks.{g}"] = weight[:, s:e]
 
 
-def split_columns(model: nn.Module, blocks: int, exclude: Sequence[str] = ()) -> list[str]:
-    """Replace every ``nn.Linear`` of ``model`` by a :class:`ColumnBlockLinear` of ``blocks`` column blocks.
-
-    Call it before building the optimizer (it gets the blocks as parameters) and before attaching SlimFit or
-    wrapping the model (DDP, accelerate). Skipped: modules under a name in ``exclude`` (e.g. a new head, which
-    trains whole anyway), Linears narrower than ``blocks`` columns, and Linears whose weight another module
-    shares (tied heads). Returns the names of the modules replaced.
-    """
-    if not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 2:
-        raise ValueError(f"blocks must be an int of at least 2, got {blocks!r}")
+def splittable_linears(model: nn.Module, exclude: Sequence[str] = ()) -> list[tuple[str, nn.Linear]]:
+    """The ``(name, module)`` of every ``nn.Linear`` of ``model`` that :func:`split_columns` may split, whatever
+    its width: not under a name in ``exclude``, its weight shared with no other module (tied heads), and not a
+    language model's output embedding (``get_output_embeddings()``: SlimFit's chunked LM head needs it whole, or
+    the run keeps the full logits)."""
     owners: dict[int, int] = {}
     for m in model.modules():
         for p in m.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
-    targets = [
+    output_embedding = getattr(model, "get_output_embeddings", lambda: None)()
+    return [
         (name, m)
         for name, m in model.named_modules()
         if type(m) is nn.Linear
         and not any(name == x or name.startswith(f"{x}.") for x in exclude)
-        and m.in_features >= blocks
         and owners[id(m.weight)] == 1
+        and m is not output_embedding
     ]
+
+
+def split_columns(model: nn.Module, blocks: int, exclude: Sequence[str] = ()) -> list[str]:
+    """Replace every :func:`splittable_linears` module at least ``blocks`` columns wide by a
+    :class:`ColumnBlockLinear` of ``blocks`` column blocks.
+
+    Call it before building the optimizer (it gets the blocks as parameters) and before attaching SlimFit or
+    wrapping the model (DDP, accelerate); ``exclude`` names modules to leave whole (e.g. a new head, which trains
+    whole anyway). Returns the names of the modules replaced.
+    """
+    if not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 2:
+        raise ValueError(f"blocks must be an int of at least 2, got {blocks!r}")
+    targets = [(name, m) for name, m in splittable_linears(model, exclude) if m.in_features >= blocks]
     for name, m in targets:
         _replace(model, name, ColumnBlockLinear(m, blocks))
     return [name for name, _ in targets]
